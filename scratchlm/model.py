@@ -1,0 +1,200 @@
+"""The decoder: Llama (RMSNorm, RoPE, GQA, SwiGLU) and GPT-2 (LayerNorm, learned positions, GELU)
+as one config-driven transformer, with a forward pass that can use a KV cache.
+
+Weights live in `Model.weights` under Meta's canonical names, [out, in] layout, so a projection
+is `x @ W.T`. To shorten the per-layer op count, q/k/v and gate/up are fused into one matrix each
+at load time, and the canonical entries become views into the fused arrays (no second copy;
+writing through `weights` changes what the model computes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from . import ops
+from .cache import KVCache
+from .config import ModelConfig, check_weights
+from .errors import PromptError
+
+
+def to_numpy(x) -> np.ndarray:
+    """Host copy of an array of any namespace (NumPy, torch, CuPy)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get"):  # CuPy
+        return x.get()
+    if hasattr(x, "detach"):  # torch
+        return x.detach().cpu().float().numpy()
+    return np.asarray(x)
+
+
+class _Layer:
+    """The arrays of one transformer block, fused for the forward pass."""
+
+    __slots__ = ("attn_norm_w", "attn_norm_b", "wqkv", "bqkv", "wo", "bo",
+                 "ffn_norm_w", "ffn_norm_b", "w13", "w1", "b1", "w2", "b2")
+
+
+class Model:
+    """A loaded decoder: config, tokenizer and canonical weights, with forward, logits, generate and chat."""
+
+    def __init__(self, config: ModelConfig, weights: dict, tokenizer=None, *, info: dict | None = None):
+        check_weights(config, {n: tuple(w.shape) for n, w in weights.items()}, "weights")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.info = dict(info or {})
+        self.weights = dict(weights)
+        self.xp = array_namespace(self.weights["tok_embeddings.weight"])
+        self._inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        self._build_layers()
+
+    # --- weights ---------------------------------------------------------------------------
+
+    def _fuse(self, names: list[str], axis: int = 0):
+        """Concatenate the named weights along `axis` into one array and make the named entries views of it."""
+        xp, w = self.xp, self.weights
+        fused = xp.concat([w[n] for n in names], axis=axis)
+        start = 0
+        for n in names:
+            size = w[n].shape[axis]
+            w[n] = fused[start:start + size]
+            start += size
+        return fused
+
+    def _build_layers(self) -> None:
+        w, cfg = self.weights, self.config
+        gpt2 = cfg.arch == "gpt2"
+        self.layers = []
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            L = _Layer()
+            L.attn_norm_w = w[p + "attention_norm.weight"]
+            L.ffn_norm_w = w[p + "ffn_norm.weight"]
+            # [H*Hd + 2*K*Hd, D]: one matmul yields q, k and v
+            L.wqkv = self._fuse([p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"])
+            L.wo = w[p + "attention.wo.weight"]
+            L.w2 = w[p + "feed_forward.w2.weight"]
+            if gpt2:
+                L.attn_norm_b = w[p + "attention_norm.bias"]
+                L.ffn_norm_b = w[p + "ffn_norm.bias"]
+                L.bqkv = self._fuse([p + "attention.wq.bias", p + "attention.wk.bias", p + "attention.wv.bias"])
+                L.bo = w[p + "attention.wo.bias"]
+                L.w1, L.b1 = w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w1.bias"]
+                L.b2 = w[p + "feed_forward.w2.bias"]
+                L.w13 = None
+            else:
+                L.attn_norm_b = L.ffn_norm_b = L.bqkv = L.bo = L.b1 = L.b2 = L.w1 = None
+                # [2F, D]: one matmul yields the SwiGLU gate (w1) and up (w3) projections
+                L.w13 = self._fuse([p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"])
+            self.layers.append(L)
+
+    @property
+    def output_weight(self):
+        """The output head [V, D]: the token embedding itself when tied."""
+        return self.weights["tok_embeddings.weight"] if self.config.tie_embeddings else self.weights["output.weight"]
+
+    def _norm(self, x, w, b):
+        if self.config.arch == "gpt2":
+            return ops.layer_norm(x, w, b, self.config.norm_eps)
+        return ops.rms_norm(x, w, self.config.norm_eps)
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+        """A KV cache for `max_len` positions (at most the model's context)."""
+        c = self.config
+        max_len = min(int(max_len), c.max_seq_len)
+        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, self.weights["tok_embeddings.weight"])
+
+    def forward(self, ids, cache: KVCache | None = None, start_pos: int = 0, last_only: bool = False):
+        """Logits for token ids [B, T] at positions start_pos..start_pos+T-1.
+
+        With a cache, keys/values of earlier positions come from it and the new ones are written
+        to it. `last_only` computes the output head for the last position only (decoding needs no more).
+        Returns [B, T, V] (or [B, 1, V]) in the weights' namespace.
+        """
+        xp, cfg = self.xp, self.config
+        ids = xp.asarray(ids)
+        B, T = ids.shape
+        D, H, K, Hd, F = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+        S = start_pos + T
+        if S > cfg.max_seq_len:
+            raise PromptError(f"{S} positions exceed the model's context of {cfg.max_seq_len} tokens")
+        gpt2 = cfg.arch == "gpt2"
+
+        x = xp.reshape(xp.take(self.weights["tok_embeddings.weight"], xp.reshape(ids, (-1,)), axis=0), (B, T, D))  # [B,T,D]
+        if gpt2:
+            x = x + self.weights["pos_embeddings.weight"][start_pos:S]  # learned positions [T,D]
+            cos = sin = None
+        else:
+            cos, sin = (xp.asarray(a) for a in ops.rope_cos_sin(self._inv_freq, start_pos, T))  # [T,Hd/2] each
+        # a single new token sees every cached position: no mask needed
+        mask = None if T == 1 else xp.asarray(ops.causal_mask(T, S))  # [T,S]
+
+        for i, L in enumerate(self.layers):
+            # --- attention block ---
+            h = self._norm(x, L.attn_norm_w, L.attn_norm_b)  # [B,T,D]
+            qkv = h @ L.wqkv.T  # [B,T,D] @ [D,(H+2K)*Hd] -> [B,T,(H+2K)*Hd]
+            if gpt2:
+                qkv = qkv + L.bqkv
+            qkv = xp.reshape(qkv, (B, T, H + 2 * K, Hd))  # [B,T,H+2K,Hd]
+            qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]  # [B,T,H+K,Hd], [B,T,K,Hd]
+            if not gpt2:
+                qk = ops.rope(qk, cos, sin)  # rotate queries and keys together
+            q = xp.permute_dims(qk[:, :, :H], (0, 2, 1, 3))  # [B,T,H,Hd] -> [B,H,T,Hd]
+            k = xp.permute_dims(qk[:, :, H:], (0, 2, 1, 3))  # [B,T,K,Hd] -> [B,K,T,Hd]
+            v = xp.permute_dims(v, (0, 2, 1, 3))  # [B,T,K,Hd] -> [B,K,T,Hd]
+            if cache is not None:
+                k, v = cache.update(i, k, v, start_pos)  # [B,K,S,Hd] each
+            a = ops.attention(q, k, v, mask)  # [B,H,T,Hd]
+            a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (B, T, H * Hd))  # [B,H,T,Hd] -> [B,T,H*Hd]
+            a = a @ L.wo.T  # [B,T,H*Hd] @ [H*Hd,D] -> [B,T,D]
+            if gpt2:
+                a = a + L.bo
+            x = x + a  # residual
+
+            # --- feed-forward block ---
+            h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,T,D]
+            if gpt2:
+                u = ops.gelu_tanh(h @ L.w1.T + L.b1)  # [B,T,D] @ [D,F] -> [B,T,F]
+                f = u @ L.w2.T + L.b2  # [B,T,F] @ [F,D] -> [B,T,D]
+            else:
+                gu = h @ L.w13.T  # [B,T,D] @ [D,2F] -> [B,T,2F]
+                f = ops.swiglu(gu[..., :F], gu[..., F:]) @ L.w2.T  # [B,T,F] @ [F,D] -> [B,T,D]
+            x = x + f  # residual
+
+        if last_only:
+            x = x[:, -1:]  # [B,1,D]
+        x = self._norm(x, self.weights["norm.weight"], self.weights.get("norm.bias"))
+        return x @ self.output_weight.T  # [B,T,D] @ [D,V] -> [B,T,V]
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits [len(ids), V] float32 of a full causal forward without cache (for tests and tools)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # [1,T]
+        if ids.shape[1] == 0:
+            raise PromptError("logits() needs at least one token id")
+        self._check_ids(ids)
+        return to_numpy(self.forward(ids)[0]).astype(np.float32, copy=False)
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise PromptError(f"token id {bad} is outside the model's vocabulary [0, {self.config.vocab_size})")
+
+    # --- generation (see generate.py and chat.py) --------------------------------------------
+
+    def generate(self, prompt, **kwargs):
+        """Generate a continuation of `prompt` (text, or a list of token ids). See `generate.generate`."""
+        from .generate import generate
+        return generate(self, prompt, **kwargs)
+
+    def chat(self, messages, **kwargs):
+        """Answer a conversation [{"role", "content"}, ...] with the model's chat template. See `generate.chat`."""
+        from .generate import chat
+        return chat(self, messages, **kwargs)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.arch}, {c.n_params / 1e6:.1f}M params, L={c.n_layers} D={c.dim} H={c.n_heads} "
+                f"K={c.n_kv_heads} F={c.ffn_dim} V={c.vocab_size}, source={self.info.get('source')!r})")
