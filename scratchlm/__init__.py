@@ -1,4 +1,41 @@
-"""scratchlm: a language-model engine written from scratch in Python and NumPy."""
+"""scratchlm: a language-model engine written from scratch in Python and NumPy.
+
+    >>> import scratchlm
+    >>> model = scratchlm.load()                  # the default model, SmolLM2-135M-Instruct (Q4_1 GGUF)
+    >>> model.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0)
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .config import ModelConfig
+from .model import Model
 
 __version__ = "0.1.0"
 version = __version__
+
+__all__ = ["load", "load_tokenizer", "Model", "ModelConfig", "version", "__version__"]
+
+
+def load(path=None, *, progress: bool | None = None) -> Model:
+    """Load a model: a .gguf file, a Hugging Face directory or a Meta directory (None = the default model).
+
+    `progress` shows a progress bar on stderr while the weights load (default: when stderr is a terminal).
+    """
+    from . import assets
+    from .formats import load_checkpoint
+
+    if path is None:
+        path = assets.default_model_path()
+    if progress is None:
+        progress = sys.stderr.isatty()
+    cfg, weights, tokenizer, info = load_checkpoint(path, progress=progress)
+    return Model(cfg, weights, tokenizer, info=info)
+
+
+def load_tokenizer(path):
+    """Load a tokenizer: tiktoken-format file (Llama 3's tokenizer.model), tokenizer.json, .gguf, or a directory."""
+    from .tokenizer import load_tokenizer as _load
+
+    return _load(path)

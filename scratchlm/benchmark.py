@@ -1,0 +1,50 @@
+"""What `scratchlm bench` measures: load seconds, prefill tokens/s and decode tokens/s.
+
+Prefill runs the whole prompt through the model in one forward (matrix-matrix work, GEMM-bound);
+decode feeds one token at a time through the KV cache (matrix-vector work, bound by the
+bandwidth of reading every weight once per token).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .model import to_numpy
+
+# Real text to build the prompt from (repeated as needed), so the ids are ordinary ones.
+_TEXT = ("The history of computing is a story of people building machines to think faster than they can. "
+         "Charles Babbage designed the Analytical Engine, and Ada Lovelace wrote what many call the first program. ")
+
+
+def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128) -> dict:
+    import scratchlm
+    from .errors import PromptError
+
+    t0 = time.perf_counter()
+    model = scratchlm.load(path, progress=False)
+    load_s = time.perf_counter() - t0
+
+    ctx = model.config.max_seq_len
+    if prompt_tokens + gen_tokens > ctx:
+        raise PromptError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds the context of {ctx}")
+    if model.tokenizer is not None:
+        ids = model.tokenizer.encode(_TEXT)
+        ids = (ids * (prompt_tokens // max(len(ids), 1) + 1))[:prompt_tokens]
+    else:
+        ids = list(np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_tokens))
+
+    cache = model.new_cache(prompt_tokens + gen_tokens)
+    t0 = time.perf_counter()
+    logits = model.forward(np.asarray([ids]), cache, 0, last_only=True)  # [1,1,V]
+    tok = int(np.argmax(to_numpy(logits[0, -1])))
+    prefill_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for pos in range(prompt_tokens, prompt_tokens + gen_tokens):
+        logits = model.forward(np.asarray([[tok]]), cache, pos, last_only=True)  # greedy decode step
+        tok = int(np.argmax(to_numpy(logits[0, -1])))
+    decode_s = time.perf_counter() - t0
+    return {"source": model.info.get("source"), "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
+            "prefill_tok_s": prompt_tokens / prefill_s, "decode_tok_s": gen_tokens / decode_s}

@@ -1,0 +1,235 @@
+"""The `scratchlm` command: generate, chat, info, tokenize, bench.
+
+Bad input (a missing or corrupt file, a bad argument, an impossible prompt) prints one line
+`scratchlm: error: ...` on stderr and exits with status 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import __version__
+
+DEFAULT_MODEL_HELP = "model: a .gguf file, a Hugging Face or Meta directory (default: SmolLM2-135M-Instruct Q4_1)"
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None, help=DEFAULT_MODEL_HELP)
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    from .generate import DEFAULTS
+
+    p.add_argument("-n", "--max-tokens", type=_positive_int, default=max_tokens,
+                   help=f"most tokens to generate (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"],
+                   help=f"sampling temperature, 0 = greedy (default {DEFAULTS['temperature']})")
+    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"],
+                   help=f"keep the K most likely tokens, 0 = all (default {DEFAULTS['top_k']})")
+    p.add_argument("--top-p", type=float, default=DEFAULTS["top_p"],
+                   help=f"nucleus sampling: keep the smallest set with this much probability (default {DEFAULTS['top_p']})")
+    p.add_argument("--min-p", type=float, default=DEFAULTS["min_p"],
+                   help=f"drop tokens below this fraction of the top probability (default {DEFAULTS['min_p']})")
+    p.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"],
+                   help="penalise tokens already present, 1 = off (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (repeatable; not printed)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past the model's end tokens")
+
+
+def _sampling_kwargs(a) -> dict:
+    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop,
+                ignore_eos=a.ignore_eos)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="scratchlm", description="A language-model engine written from scratch in NumPy.")
+    ap.add_argument("--version", action="version", version=f"scratchlm {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("generate", help="continue a prompt (raw text completion)")
+    _add_model(p)
+    p.add_argument("prompt", help="the text to continue ('' starts from BOS)")
+    _add_sampling(p, 128)
+
+    p = sub.add_parser("chat", help="talk to the model with its chat template (interactive; or one turn per stdin line)")
+    _add_model(p)
+    p.add_argument("--system", default=None, help="a system prompt")
+    _add_sampling(p, 512)
+
+    p = sub.add_parser("info", help="show the model's configuration, size, tokenizer and template")
+    _add_model(p)
+
+    p = sub.add_parser("tokenize", help="show the token ids and pieces of a text")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-m", "--model", default=None, help=DEFAULT_MODEL_HELP)
+    g.add_argument("--tokenizer", default=None, help="a tokenizer file: tokenizer.model, tokenizer.json or .gguf")
+    p.add_argument("text")
+
+    p = sub.add_parser("bench", help="time loading, prefill and decoding")
+    _add_model(p)
+    p.add_argument("--prompt-tokens", type=_positive_int, default=512, help="prefill length (default 512)")
+    p.add_argument("--gen-tokens", type=_positive_int, default=128, help="tokens to decode (default 128)")
+    p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s")
+    return ap
+
+
+def _load(a):
+    import scratchlm
+    return scratchlm.load(a.model)
+
+
+def _stream(stream) -> None:
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stream.message:
+        print(f"[{stream.message}]", file=sys.stderr)
+
+
+def cmd_generate(a) -> int:
+    model = _load(a)
+    _stream(model.generate(a.prompt, stream=True, **_sampling_kwargs(a)))
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from .errors import PromptError
+
+    model = _load(a)
+    kwargs = _sampling_kwargs(a)
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {model.info.get('name') or model.info.get('source')}. "
+              "Ctrl-D to quit, /reset to start over.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and line == "":
+            break  # end of stdin
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            messages = list(system)
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            stream = model.chat(messages, stream=True, **kwargs)
+            reply = []
+            for piece in stream:
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            if stream.message:
+                print(f"[{stream.message}]", file=sys.stderr)
+        except PromptError as e:
+            if not interactive:
+                raise
+            print(f"scratchlm: {e} (type /reset to start over)", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_info(a) -> int:
+    model = _load(a)
+    c, info, tok = model.config, model.info, model.tokenizer
+    rows = [
+        ("source", info.get("source")), ("format", info.get("format")), ("name", info.get("name")),
+        ("architecture", c.arch), ("parameters", f"{c.n_params:,}"),
+        ("layers", c.n_layers), ("dim (D)", c.dim), ("heads (H)", c.n_heads), ("kv heads (K)", c.n_kv_heads),
+        ("head dim (Hd)", c.head_dim), ("ffn dim (F)", c.ffn_dim), ("vocab (V)", c.vocab_size),
+        ("context", c.max_seq_len), ("norm eps", c.norm_eps),
+    ]
+    if c.arch == "llama":
+        rows += [("rope theta", c.rope_theta), ("rope scaling", (c.rope_scaling or {}).get("rope_type"))]
+    rows.append(("tied embeddings", c.tie_embeddings))
+    if tok is not None:
+        rows += [("tokenizer", f"{tok.name}, {tok.vocab_size} tokens"),
+                 ("bos", tok.bos_token if tok.bos_id is not None else None),
+                 ("end tokens", ", ".join(repr(tok.id_to_piece(i)) for i in sorted(tok.eos_ids))),
+                 ("chat template", "yes" if tok.chat_template else "no")]
+    else:
+        rows.append(("tokenizer", info.get("tokenizer_error", "none")))
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
+def cmd_tokenize(a) -> int:
+    if a.tokenizer:
+        import scratchlm
+        tok = scratchlm.load_tokenizer(a.tokenizer)
+    else:
+        from .errors import TokenizerError
+        model = _load(a)
+        tok = model.tokenizer
+        if tok is None:
+            raise TokenizerError(model.info.get("tokenizer_error", "the model has no tokenizer"))
+    ids = tok.encode(a.text)
+    print(json.dumps(ids))
+    for i in ids:
+        print(f"{i:>8}  {tok.id_to_piece(i)!r}")
+    print(f"{len(ids)} tokens, {len(a.text.encode('utf-8'))} bytes", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .benchmark import run_bench
+
+    r = run_bench(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens)
+    if a.json:
+        print(json.dumps({"load_s": round(r["load_s"], 3), "prefill_tok_s": round(r["prefill_tok_s"], 2),
+                          "decode_tok_s": round(r["decode_tok_s"], 2)}))
+    else:
+        print(f"model    {r['source']}")
+        print(f"load     {r['load_s']:.2f} s")
+        print(f"prefill  {r['prefill_tok_s']:.1f} tok/s ({a.prompt_tokens} tokens in {r['prefill_s']:.2f} s)")
+        print(f"decode   {r['decode_tok_s']:.1f} tok/s ({a.gen_tokens} tokens in {r['decode_s']:.2f} s)")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "tokenize": cmd_tokenize, "bench": cmd_bench}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"scratchlm: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Readers for the files people have. Each format maps its own names to the canonical (Meta) ones.
+
+  gguf.py            a .gguf file (llama.cpp's container; quantized blocks dequantized by quant.py)
+  safetensors_hf.py  a Hugging Face directory (config.json + *.safetensors + tokenizer.json)
+  meta.py            a Meta directory (params.json + consolidated.NN.pth + tokenizer.model)
+  permute.py         the one q/k row permutation between Hugging Face and Meta layouts
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import FormatError, ModelNotFoundError, TokenizerError
+
+
+def detect_format(path: Path) -> str:
+    """'gguf', 'hf' or 'meta' for a model path, or a one-line error saying what was expected."""
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise FormatError(f"{path}: not a GGUF file (expected a .gguf file, or a Hugging Face or Meta model directory)")
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / "params.json").is_file():
+        return "meta"
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf"
+    raise FormatError(f"{path}: not a model directory (no config.json, params.json or single .gguf file)")
+
+
+def load_checkpoint(path, progress: bool = False):
+    """Read any supported checkpoint: returns (ModelConfig, canonical float32 weights, tokenizer or None, info)."""
+    from ..tokenizer import load_tokenizer
+
+    path = Path(path)
+    fmt = detect_format(path)
+    tokenizer = None
+    if fmt == "gguf":
+        from .gguf import load_gguf
+        if path.is_dir():
+            path = sorted(path.glob("*.gguf"))[0]
+        cfg, weights, metadata = load_gguf(path, progress=progress)
+        info = {"eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+                "name": metadata.get("general.name"),
+                "file_type": metadata.get("general.file_type")}
+        if "tokenizer.ggml.model" in metadata:
+            from ..tokenizer import tokenizer_from_gguf_metadata
+            tokenizer = tokenizer_from_gguf_metadata(metadata, str(path))
+        else:
+            info["tokenizer_error"] = f"{path} holds no tokenizer (no tokenizer.ggml.* keys)"
+    elif fmt == "hf":
+        from .safetensors_hf import load_hf_dir
+        cfg, weights, info = load_hf_dir(path, progress=progress)
+        if (path / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(path / "tokenizer.json")
+        else:
+            info["tokenizer_error"] = f"{path} has no tokenizer.json"
+    else:
+        from ..chat import LLAMA3_TEMPLATE
+        from .meta import load_meta_dir
+        cfg, weights, info = load_meta_dir(path, progress=progress)
+        if not (path / "tokenizer.model").is_file():
+            raise TokenizerError(f"{path} has no tokenizer.model (a Meta directory needs one)")
+        tokenizer = load_tokenizer(path / "tokenizer.model")
+        if not tokenizer.chat_template:  # Meta ships no template: use Llama 3's header format
+            tokenizer.chat_template = LLAMA3_TEMPLATE
+    info = dict(info, source=str(path), format=fmt)
+    return cfg, weights, tokenizer, info

@@ -1,0 +1,194 @@
+"""The generation loop: prefill the prompt once, then decode one token at a time with the KV cache.
+
+Text comes out through an incremental UTF-8 decoder, so a stream never emits half a character
+(a Chinese character or an emoji is often split over two or three byte-level tokens).
+Generation stops on any end token the model declares, on a user stop string, on max_tokens,
+or when the context is full.
+"""
+
+from __future__ import annotations
+
+import codecs
+import warnings
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from .errors import PromptError
+from .model import to_numpy
+from .sampling import Sampler, SamplingParams
+
+# Sensible defaults for an interactive tool (the same as llama.cpp's); temperature=0 is greedy.
+DEFAULTS = dict(max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.0)
+
+
+class ContextLimitWarning(UserWarning):
+    """Generation stopped because the model's context is full."""
+
+
+class TextStream:
+    """Iterator over the text pieces of a generation; after it ends, `finish_reason` says why:
+    "eos" (an end token), "stop" (a stop string), "length" (max_tokens) or "context" (context full)."""
+
+    def __init__(self, pieces: Iterator[str], state: dict):
+        self._pieces = pieces
+        self._state = state
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._state.get("finish_reason")
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids so far (end token excluded)."""
+        return self._state["ids"]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._state["prompt_tokens"]
+
+    @property
+    def message(self) -> str | None:
+        """A human-readable note when generation ended early (the context limit)."""
+        return self._state.get("message")
+
+
+def stop_token_ids(model) -> set[int]:
+    """Every end token the model declares: the tokenizer's (eos, eot, <|im_end|>, ...) and the config's."""
+    ids = set(getattr(model.tokenizer, "eos_ids", None) or [])
+    extra = model.info.get("eos_token_id")
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, (list, tuple)):
+        ids.update(int(i) for i in extra)
+    return ids
+
+
+def prompt_ids(model, prompt, add_bos: bool | None = None) -> list[int]:
+    """Token ids of a prompt (text, or ids passed through), with BOS where the model wants one."""
+    tok = model.tokenizer
+    if isinstance(prompt, str):
+        if tok is None:
+            raise PromptError("this model has no tokenizer; pass the prompt as a list of token ids")
+        if add_bos is None:
+            add_bos = bool(tok.add_bos)
+        ids = tok.encode(prompt)
+        if (add_bos or not ids) and tok.bos_id is not None:
+            ids = [tok.bos_id] + ids
+    else:
+        ids = [int(i) for i in prompt]
+    if not ids:
+        raise PromptError("empty prompt, and the model has no BOS token to start from; give some text")
+    return ids
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def _run(model, ids: list[int], *, max_tokens: int, sampler: Sampler, stop_ids: set[int],
+         stop: Sequence[str], state: dict) -> Iterator[str]:
+    """Prefill, then decode; yield text pieces that are complete UTF-8 and cannot begin a stop string."""
+    ctx = model.config.max_seq_len
+    cache = model.new_cache(min(len(ids) + max_tokens, ctx))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, emitted = "", 0  # generated text so far, and how much of it was yielded
+    history = list(ids)
+    out_ids = state["ids"]
+
+    logits = model.forward(np.asarray([ids]), cache, 0, last_only=True)  # prefill: [1,1,V]
+    pos = len(ids)
+    state["finish_reason"] = "length"
+    for _ in range(max_tokens):
+        tok = sampler.sample(to_numpy(logits[0, -1]), history)
+        if tok in stop_ids:
+            state["finish_reason"] = "eos"
+            break
+        out_ids.append(tok)
+        history.append(tok)
+        text += decoder.decode(model.tokenizer.token_bytes(tok)) if model.tokenizer is not None else ""
+        if stop:
+            hits = [i for i in (text.find(s, max(0, emitted - len(s) + 1)) for s in stop) if i >= 0]
+            if hits:
+                cut = min(hits)
+                if cut > emitted:
+                    yield text[emitted:cut]
+                state["finish_reason"] = "stop"
+                return
+            keep = len(text) - _holdback(text, stop)
+        else:
+            keep = len(text)
+        if keep > emitted:
+            yield text[emitted:keep]
+            emitted = keep
+        if pos + 1 >= ctx:  # prompt + generated tokens fill the context: no position left to feed
+            if len(out_ids) < max_tokens:
+                state["finish_reason"] = "context"
+                state["message"] = f"stopped: the context of {ctx} tokens is full"
+            break
+        logits = model.forward(np.asarray([[tok]]), cache, pos, last_only=True)  # decode: [1,1,V]
+        pos += 1
+    text += decoder.decode(b"", final=True)  # a dangling partial character becomes U+FFFD
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def _start(model, ids: list[int], *, max_tokens=DEFAULTS["max_tokens"], temperature=DEFAULTS["temperature"],
+           top_k=DEFAULTS["top_k"], top_p=DEFAULTS["top_p"], min_p=DEFAULTS["min_p"],
+           repetition_penalty=DEFAULTS["repetition_penalty"], seed=None, stop=None, stream=False,
+           ignore_eos=False):
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    ctx = model.config.max_seq_len
+    if len(ids) >= ctx:
+        raise PromptError(f"the prompt has {len(ids)} tokens but the model's context holds {ctx}; shorten it")
+    ids_arr = np.asarray(ids)
+    if ids_arr.min() < 0 or ids_arr.max() >= model.config.vocab_size:
+        raise PromptError(f"prompt token ids must lie in [0, {model.config.vocab_size})")
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty)
+    params.validate()
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = [s for s in (stop or []) if s]
+    state: dict = {"ids": [], "prompt_tokens": len(ids)}
+    pieces = _run(model, list(ids), max_tokens=max_tokens, sampler=Sampler(params, seed=seed),
+                  stop_ids=set() if ignore_eos else stop_token_ids(model), stop=stop, state=state)
+    result = TextStream(pieces, state)
+    if stream:
+        return result
+    text = "".join(result)
+    if result.finish_reason == "context":
+        warnings.warn(result.message, ContextLimitWarning, stacklevel=3)
+    return text
+
+
+def generate(model, prompt, *, add_bos: bool | None = None, **kwargs):
+    """Continue `prompt` (text, or token ids).
+
+    Keyword arguments: max_tokens, temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
+    seed, stop (a string or list of strings, not included in the output), stream (return a TextStream
+    of text pieces instead of the whole string), ignore_eos.
+    """
+    return _start(model, prompt_ids(model, prompt, add_bos), **kwargs)
+
+
+def chat(model, messages, **kwargs):
+    """Reply to a conversation with the model's own chat template (see chat.py)."""
+    from .chat import encode_chat
+    if model.tokenizer is None:
+        raise PromptError("this model has no tokenizer, so it cannot chat")
+    return _start(model, encode_chat(model.tokenizer, messages, add_generation_prompt=True), **kwargs)
