@@ -29,6 +29,15 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+# What a forward recorder receives, in order (layer names are prefixed "layers.{i}.").
+RECORDED = {
+    "start": ("tokens", "embedding", "pos_embedding", "embedding+pos", "rope.inv_freq", "rope.cos", "rope.sin", "mask"),
+    "layer": ("attention_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "heads", "attention_output",
+              "residual_attention", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_down", "residual_ffn"),
+    "end": ("norm", "logits"),
+}
+
+
 class _Layer:
     """The arrays of one transformer block, fused for the forward pass."""
 
@@ -107,13 +116,16 @@ class Model:
         max_len = min(int(max_len), c.max_seq_len)
         return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, self.weights["tok_embeddings.weight"])
 
-    def forward(self, ids, cache: KVCache | None = None, start_pos: int = 0, last_only: bool = False):
+    def forward(self, ids, cache: KVCache | None = None, start_pos: int = 0, last_only: bool = False,
+                recorder=None):
         """Logits for token ids [B, T] at positions start_pos..start_pos+T-1.
 
         With a cache, keys/values of earlier positions come from it and the new ones are written
         to it. `last_only` computes the output head for the last position only (decoding needs no more).
-        Returns [B, T, V] (or [B, 1, V]) in the weights' namespace.
+        `recorder(name, array)`, when given, receives every named intermediate (see RECORDED); it is
+        how `scratchlm explain` observes this very forward. Returns [B, T, V] (or [B, 1, V]).
         """
+        rec = recorder  # one None check per recording point when off
         xp, cfg = self.xp, self.config
         ids = xp.asarray(ids)
         B, T = ids.shape
@@ -124,15 +136,29 @@ class Model:
         gpt2 = cfg.arch == "gpt2"
 
         x = xp.reshape(xp.take(self.weights["tok_embeddings.weight"], xp.reshape(ids, (-1,)), axis=0), (B, T, D))  # [B,T,D]
+        if rec is not None:
+            rec("tokens", ids)
+            rec("embedding", x)
         if gpt2:
-            x = x + self.weights["pos_embeddings.weight"][start_pos:S]  # learned positions [T,D]
+            pos = self.weights["pos_embeddings.weight"][start_pos:S]  # learned positions [T,D]
+            x = x + pos
             cos = sin = None
+            if rec is not None:
+                rec("pos_embedding", pos)
+                rec("embedding+pos", x)
         else:
             cos, sin = (xp.asarray(a) for a in ops.rope_cos_sin(self._inv_freq, start_pos, T))  # [T,Hd/2] each
+            if rec is not None:
+                rec("rope.inv_freq", xp.asarray(self._inv_freq))
+                rec("rope.cos", cos)
+                rec("rope.sin", sin)
         # a single new token sees every cached position: no mask needed
         mask = None if T == 1 else xp.asarray(ops.causal_mask(T, S))  # [T,S]
+        if rec is not None and mask is not None:
+            rec("mask", mask)
 
         for i, L in enumerate(self.layers):
+            r = None if rec is None else (lambda name, a, _p=f"layers.{i}.": rec(_p + name, a))
             # --- attention block ---
             h = self._norm(x, L.attn_norm_w, L.attn_norm_b)  # [B,T,D]
             qkv = h @ L.wqkv.T  # [B,T,D] @ [D,(H+2K)*Hd] -> [B,T,(H+2K)*Hd]
@@ -140,34 +166,62 @@ class Model:
                 qkv = qkv + L.bqkv
             qkv = xp.reshape(qkv, (B, T, H + 2 * K, Hd))  # [B,T,H+2K,Hd]
             qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]  # [B,T,H+K,Hd], [B,T,K,Hd]
+            if r is not None:
+                r("attention_norm", h)
+                r("q", qk[:, :, :H])  # [B,T,H,Hd]
+                r("k", qk[:, :, H:])  # [B,T,K,Hd]
+                r("v", v)  # [B,T,K,Hd]
             if not gpt2:
                 qk = ops.rope(qk, cos, sin)  # rotate queries and keys together
+                if r is not None:
+                    r("q_rope", qk[:, :, :H])
+                    r("k_rope", qk[:, :, H:])
             q = xp.permute_dims(qk[:, :, :H], (0, 2, 1, 3))  # [B,T,H,Hd] -> [B,H,T,Hd]
             k = xp.permute_dims(qk[:, :, H:], (0, 2, 1, 3))  # [B,T,K,Hd] -> [B,K,T,Hd]
             v = xp.permute_dims(v, (0, 2, 1, 3))  # [B,T,K,Hd] -> [B,K,T,Hd]
             if cache is not None:
                 k, v = cache.update(i, k, v, start_pos)  # [B,K,S,Hd] each
-            a = ops.attention(q, k, v, mask)  # [B,H,T,Hd]
+            a = ops.attention(q, k, v, mask, record=r)  # [B,H,T,Hd]
+            if r is not None:
+                r("heads", a)  # per-head outputs [B,H,T,Hd]
             a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (B, T, H * Hd))  # [B,H,T,Hd] -> [B,T,H*Hd]
             a = a @ L.wo.T  # [B,T,H*Hd] @ [H*Hd,D] -> [B,T,D]
             if gpt2:
                 a = a + L.bo
             x = x + a  # residual
+            if r is not None:
+                r("attention_output", a)
+                r("residual_attention", x)
 
             # --- feed-forward block ---
             h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,T,D]
             if gpt2:
-                u = ops.gelu_tanh(h @ L.w1.T + L.b1)  # [B,T,D] @ [D,F] -> [B,T,F]
-                f = u @ L.w2.T + L.b2  # [B,T,F] @ [F,D] -> [B,T,D]
+                up = h @ L.w1.T + L.b1  # [B,T,D] @ [D,F] -> [B,T,F]
+                act = ops.gelu_tanh(up)
+                f = act @ L.w2.T + L.b2  # [B,T,F] @ [F,D] -> [B,T,D]
             else:
                 gu = h @ L.w13.T  # [B,T,D] @ [D,2F] -> [B,T,2F]
-                f = ops.swiglu(gu[..., :F], gu[..., F:]) @ L.w2.T  # [B,T,F] @ [F,D] -> [B,T,D]
+                gate, up = gu[..., :F], gu[..., F:]  # [B,T,F] each
+                act = ops.swiglu(gate, up)
+                f = act @ L.w2.T  # [B,T,F] @ [F,D] -> [B,T,D]
             x = x + f  # residual
+            if r is not None:
+                r("ffn_norm", h)
+                if not gpt2:
+                    r("ffn_gate", gate)
+                r("ffn_up", up)
+                r("ffn_act", act)
+                r("ffn_down", f)
+                r("residual_ffn", x)
 
         if last_only:
             x = x[:, -1:]  # [B,1,D]
         x = self._norm(x, self.weights["norm.weight"], self.weights.get("norm.bias"))
-        return x @ self.output_weight.T  # [B,T,D] @ [D,V] -> [B,T,V]
+        logits = x @ self.output_weight.T  # [B,T,D] @ [D,V] -> [B,T,V]
+        if rec is not None:
+            rec("norm", x)
+            rec("logits", logits)
+        return logits
 
     def logits(self, ids) -> np.ndarray:
         """Logits [len(ids), V] float32 of a full causal forward without cache (for tests and tools)."""

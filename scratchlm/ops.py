@@ -118,12 +118,13 @@ def causal_mask(T: int, S: int) -> np.ndarray:
     return np.where(visible, 0.0, -np.inf).astype(np.float32)
 
 
-def attention(q, k, v, mask=None):
+def attention(q, k, v, mask=None, record=None):
     """Causal grouped-query attention.
 
     q: [B, H, T, Hd]; k, v: [B, K, S, Hd] (S = cached + new positions); mask: [T, S] additive or None
     (None when every key is visible, as for a single new token). Query head h reads kv head h // G.
-    Returns [B, H, T, Hd].
+    Returns [B, H, T, Hd]. `record(name, array)`, when given, receives the scaled scores and the
+    probabilities, both [B, H, T, S].
     """
     xp = array_namespace(q)
     B, H, T, Hd = q.shape
@@ -135,5 +136,8 @@ def attention(q, k, v, mask=None):
     if mask is not None:
         scores = scores + mask  # -inf on future positions
     p = softmax(scores, axis=-1)  # [B,K,G,T,S]
+    if record is not None:
+        record("scores", xp.reshape(scores, (B, H, T, S)))  # [B,K,G,T,S] -> [B,H,T,S]
+        record("probs", xp.reshape(p, (B, H, T, S)))
     out = p @ v[:, :, None]  # [B,K,G,T,S] @ [B,K,1,S,Hd] -> [B,K,G,T,Hd]
     return xp.reshape(out, (B, H, T, Hd))
