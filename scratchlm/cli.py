@@ -1,4 +1,4 @@
-"""The `scratchlm` command: generate, chat, info, tokenize, bench.
+"""The `scratchlm` command: generate, chat, info, tokenize, bench, train.
 
 Bad input (a missing or corrupt file, a bad argument, an impossible prompt) prints one line
 `scratchlm: error: ...` on stderr and exits with status 1; never a traceback.
@@ -87,6 +87,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=_positive_int, default=512, help="prefill length (default 512)")
     p.add_argument("--gen-tokens", type=_positive_int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s")
+
+    p = sub.add_parser("train", help="train a small Llama or GPT-2 from scratch on a text file (or --resume a run)")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE", help="the training text file(s)")
+    p.add_argument("--out", default=None, metavar="DIR", help="the run directory to create")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    p.add_argument("--tokenizer", default="char", help="char, bpe:N (trained on the corpus) or a tokenizer/model path (default char)")
+    p.add_argument("--arch", choices=("llama", "gpt2"), default="llama", help="architecture (default llama)")
+    p.add_argument("--layers", type=_positive_int, default=4, help="transformer blocks (default 4)")
+    p.add_argument("--dim", type=_positive_int, default=128, help="model dimension D (default 128)")
+    p.add_argument("--heads", type=_positive_int, default=4, help="attention heads H (default 4)")
+    p.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads K (default: H)")
+    p.add_argument("--context", type=_positive_int, default=128, help="context length T in tokens (default 128)")
+    p.add_argument("--batch", type=_positive_int, default=16, help="sequences per micro-batch B (default 16)")
+    p.add_argument("--accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="total optimizer steps (default 1000; with --resume: the new total)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default min(100, steps/10))")
+    p.add_argument("--eval-every", type=_positive_int, default=100, help="evaluate every N steps (default 100)")
+    p.add_argument("--save-every", type=_positive_int, default=100, help="checkpoint every N steps (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the final losses")
+
+    p = sub.add_parser("explain", help="walk through one forward pass step by step, with real shapes and values")
+    _add_model(p)
+    p.add_argument("prompt", help="the text to run through the model")
+    p.add_argument("--layer", type=int, default=0, help="the layer shown in detail (default 0)")
+    p.add_argument("--head", type=int, default=0, help="the query head shown in detail (default 0)")
+    p.add_argument("--top", type=_positive_int, default=10, help="how many next tokens to list (default 10)")
+    p.add_argument("--lang", choices=["en", "zh"], default="en", help="language of the explanation (default en)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write DIR/report.html: attention heatmaps, RoPE angles, logit lens, KV-cache timing")
+    p.add_argument("--max-tokens", type=_positive_int, default=64,
+                   help="refuse longer prompts (attention maps grow with its square; default 64)")
     return ap
 
 
@@ -215,7 +249,45 @@ def cmd_bench(a) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "tokenize": cmd_tokenize, "bench": cmd_bench}
+def cmd_train(a) -> int:
+    from .training.trainer import TrainArgs, Trainer
+
+    progress = False if a.no_progress else None
+    if a.resume:
+        if a.data or a.out:
+            raise ValueError("--resume DIR continues a run with its own data and output; drop --data/--out")
+        t = Trainer.resume(a.resume, a.steps, progress=progress, verbose=not a.quiet)
+    else:
+        if not a.data or not a.out:
+            raise ValueError("train needs --data FILE and --out DIR (or --resume DIR)")
+        args = TrainArgs(data=a.data, out=a.out, tokenizer=a.tokenizer, arch=a.arch, layers=a.layers, dim=a.dim,
+                         heads=a.heads, kv_heads=a.kv_heads or 0, context=a.context, batch=a.batch, accum=a.accum,
+                         steps=a.steps or 1000, lr=a.lr, warmup=a.warmup, eval_every=a.eval_every,
+                         save_every=a.save_every, seed=a.seed)
+        t = Trainer.new(args, progress=progress, verbose=not a.quiet)
+    r = t.train()
+    print(f"step {r['step']}: train loss {r.get('train_loss', float('nan')):.4f}, "
+          f"val loss {r.get('val_loss', float('nan')):.4f} (bigram baseline {r.get('bigram_loss', float('nan')):.4f}); "
+          f"run in {t.run_dir}")
+    return 0
+
+
+def cmd_explain(a) -> int:
+    from .errors import PromptError
+    from .explain import explain
+    from .explain.report import check_writable
+
+    if a.prompt == "":
+        raise PromptError("empty prompt: give some text to explain")
+    if a.out is not None:
+        check_writable(a.out)  # fail before loading the model
+    explain(_load(a), a.prompt, layer=a.layer, head=a.head, top=a.top, lang=a.lang, out=a.out,
+            max_tokens=a.max_tokens)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "tokenize": cmd_tokenize, "bench": cmd_bench, "train": cmd_train,
+            "explain": cmd_explain}
 
 
 def main(argv=None) -> int:
