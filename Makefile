@@ -22,7 +22,7 @@ $(VENV)/.test-installed: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/scratchlm chat --once "What is the capital of France? Answer in one sentence." -n 48
+	echo "What is the capital of France?" | $(VENV)/bin/scratchlm chat --temperature 0 -n 64
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -n 2 -q -p no:cacheprovider

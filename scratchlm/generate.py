@@ -75,7 +75,8 @@ def prompt_ids(model, prompt, add_bos: bool | None = None) -> list[int]:
     tok = model.tokenizer
     if isinstance(prompt, str):
         if tok is None:
-            raise PromptError("this model has no tokenizer; pass the prompt as a list of token ids")
+            why = model.info.get("tokenizer_error", "this model has no tokenizer")
+            raise PromptError(f"{why}; pass the prompt as a list of token ids")
         if add_bos is None:
             add_bos = bool(tok.add_bos)
         ids = tok.encode(prompt)
@@ -190,5 +191,5 @@ def chat(model, messages, **kwargs):
     """Reply to a conversation with the model's own chat template (see chat.py)."""
     from .chat import encode_chat
     if model.tokenizer is None:
-        raise PromptError("this model has no tokenizer, so it cannot chat")
+        raise PromptError(f"{model.info.get('tokenizer_error', 'this model has no tokenizer')}, so it cannot chat")
     return _start(model, encode_chat(model.tokenizer, messages, add_generation_prompt=True), **kwargs)
