@@ -73,3 +73,22 @@ def test_bad_argument_exits_nonzero(capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "hi", "-n", "zero"])
     assert e.value.code != 0
+
+
+def test_missing_tokenizer_is_a_one_line_error(tmp_path, capsys):
+    import scratchlm
+    from scratchlm.errors import PromptError
+    from tests.tiny_models import make_hf_llama
+
+    make_hf_llama(tmp_path / "m")
+    capsys.readouterr()  # drop transformers' own progress output
+    model = scratchlm.load(tmp_path / "m")  # weights alone load: logits need no tokenizer
+    assert model.logits([1, 2, 3]).shape == (3, model.config.vocab_size)
+    with pytest.raises(PromptError, match="no tokenizer.json"):
+        model.generate("hello", max_tokens=2)
+    code, _, err = run(["generate", "-m", str(tmp_path / "m"), "hello"], capsys)
+    assert code == 1 and "no tokenizer.json" in err and err.count("\n") == 1
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "params.json").write_text('{"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 256}')
+    code, _, err = run(["info", "-m", str(tmp_path / "meta")], capsys)
+    assert code == 1 and err.startswith("scratchlm: error: ") and err.count("\n") == 1
