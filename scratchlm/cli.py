@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final losses")
 
+    p = sub.add_parser("export", help="write a model or training run as GGUF (llama.cpp) or a Hugging Face directory")
+    p.add_argument("model", metavar="RUN_DIR|MODEL", help="a training run directory, or any model scratchlm loads")
+    p.add_argument("--format", choices=("gguf", "hf"), required=True, help="gguf: one .gguf file; hf: a directory")
+    p.add_argument("-o", "--out", required=True, help="the .gguf file or the directory to write")
+    p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight precision (default f32)")
+
     p = sub.add_parser("explain", help="walk through one forward pass step by step, with real shapes and values")
     _add_model(p)
     p.add_argument("prompt", help="the text to run through the model")
@@ -286,8 +292,16 @@ def cmd_explain(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .formats.export import export
+
+    out = export(a.model, a.format, a.out, a.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "tokenize": cmd_tokenize, "bench": cmd_bench, "train": cmd_train,
-            "explain": cmd_explain}
+            "explain": cmd_explain, "export": cmd_export}
 
 
 def main(argv=None) -> int:

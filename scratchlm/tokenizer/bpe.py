@@ -118,6 +118,36 @@ def _merge_heap(parts: list[bytes], ranks: dict, pair_keys: bool) -> list[bytes]
     return [s for s in sym if s is not None]
 
 
+def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list of tiktoken-style ranks (a pair merges when a+b is a token, ranked by its id).
+
+    Each token of two or more bytes, in rank order, gets the pair that BPE over its own bytes, using
+    only lower-ranked tokens, ends with: the last merge that builds it. A token no such BPE reaches
+    (it can only be taken whole) gets no merge.
+
+    >>> merges_from_ranks({b"a": 0, b"b": 1, b"c": 2, b"ab": 3, b"abc": 4})
+    [(b'a', b'b'), (b'ab', b'c')]
+    """
+    out = []
+    get = ranks.get
+    for token, r in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, best_r = -1, r
+            for i in range(len(parts) - 1):
+                pr = get(parts[i] + parts[i + 1])
+                if pr is not None and pr < best_r:
+                    best, best_r = i, pr
+            if best < 0:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) == 2 and parts[0] in ranks and parts[1] in ranks:
+            out.append((parts[0], parts[1]))
+    return out
+
+
 def fix_surrogates(text: str) -> str:
     """Python strings may hold lone UTF-16 surrogates, which have no UTF-8 form.
 
@@ -337,6 +367,29 @@ class Tokenizer:
 
     def is_special(self, id: int) -> bool:
         return id in self._special_ids
+
+    # ---- the vocabulary, for saving and export ------------------------------------------------
+
+    def ordinary_tokens(self) -> list[bytes | None]:
+        """bytes of every ordinary (mergeable) token by id; None for special ids and gaps."""
+        return [None if i in self._special_ids else b for i, b in enumerate(self._decoder)]
+
+    def merge_list(self) -> list[tuple[bytes, bytes]]:
+        """The merges as pairs of token bytes, by rank. For tiktoken-style ranks they are derived
+        (see `merges_from_ranks`); with ignore_merges the two forms encode alike."""
+        if not self._pair_keys:
+            return merges_from_ranks(self._encoder)
+        return sorted(self._ranks, key=self._ranks.__getitem__)
+
+    def save(self, path) -> None:
+        """Write a Hugging Face tokenizer.json (read by `scratchlm.load_tokenizer`, HF tokenizers, transformers)."""
+        import json
+
+        from .readers import tokenizer_to_hf_json  # readers imports this module
+
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(tokenizer_to_hf_json(self), f, ensure_ascii=False, indent=1)
+            f.write("\n")
 
     def _check_id(self, i) -> None:
         try:

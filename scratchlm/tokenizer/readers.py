@@ -21,12 +21,14 @@ from typing import Any
 
 from ..errors import FormatError, ModelNotFoundError, TokenizerError, UnsupportedError
 from .bpe import Tokenizer
+from .char import CHAR_FORMAT, char_tokenizer_from_dict
 from .pretokenize import (
     DIGIT_PATTERN,
     GGUF_PRE_TOKENIZERS,
     GPT2_PATTERN,
     LLAMA3_PATTERN,
     PreTokenizer,
+    bytes_to_unicode,
     gguf_pre_tokenizer,
     unicode_to_bytes,
 )
@@ -168,6 +170,8 @@ def tokenizer_from_hf_json(path: str | os.PathLike) -> Tokenizer:
     """A byte-level BPE tokenizer.json (GPT-2, Llama 3, SmolLM2, ...) + tokenizer_config.json beside it."""
     path = Path(path)
     j = _read_json(path)
+    if isinstance(j, dict) and j.get("type") == CHAR_FORMAT:  # our character tokenizer's own file
+        return char_tokenizer_from_dict(j, str(path))
     if not isinstance(j, dict) or not isinstance(j.get("model"), dict):
         raise FormatError(f"{path}: not a tokenizer.json (no 'model' object)")
     model = j["model"]
@@ -239,6 +243,53 @@ def tokenizer_from_hf_json(path: str | os.PathLike) -> Tokenizer:
         chat_template=_chat_template(cfg, path.parent),
         name=name,
     )
+
+
+def tokenizer_to_hf_json(tok: Tokenizer) -> dict:
+    """A tokenizer.json (Hugging Face tokenizers format) for a byte-level BPE `Tokenizer`: the inverse of
+    `tokenizer_from_hf_json`. Pre-tokenizer regexes become Split(Isolated) steps before a regex-free
+    ByteLevel; BOS (when added) becomes a TemplateProcessing post-processor; special tokens become
+    added_tokens. The chat template and token names live in tokenizer_config.json (see formats/export.py)."""
+    to_text = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(map(to_text.__getitem__, b))
+
+    vocab: dict[str, int] = {}
+    for i, b in enumerate(tok.ordinary_tokens()):
+        if b is not None:
+            vocab.setdefault(text(b), i)  # a repeated token keeps its first id, as our reader does
+    merges = [[text(a), text(b)] for a, b in tok.merge_list()]
+    steps: list[dict] = []
+    pre = tok.pre_tokenizer
+    for k, (pat, prefix) in enumerate(zip(pre.patterns, pre.prefix_space)):
+        if prefix:  # only HF's own ByteLevel(add_prefix_space) step expresses this, as the last step
+            if pat != GPT2_PATTERN or k != len(pre.patterns) - 1:
+                raise UnsupportedError(f"tokenizer {tok.name!r}: a prefix space before regex #{k} cannot be saved")
+            steps.append({"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True})
+        else:
+            steps.append({"type": "Split", "pattern": {"Regex": pat}, "behavior": "Isolated", "invert": False})
+    if steps[-1]["type"] != "ByteLevel":
+        steps.append({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False})
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for t, i in sorted(tok.special_tokens.items(), key=lambda x: x[1])]
+    post = None
+    if tok.add_bos and tok.bos_id is not None:
+        bos = tok.bos_token
+        post = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": steps},
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": bool(tok.ignore_merges), "vocab": vocab, "merges": merges},
+    }
 
 
 def _hf_pre_tokenizer(spec: Any, path: Path) -> tuple[PreTokenizer, str]:
