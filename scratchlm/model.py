@@ -236,6 +236,14 @@ class Model:
             bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
             raise PromptError(f"token id {bad} is outside the model's vocabulary [0, {self.config.vocab_size})")
 
+    # --- training (see training/backward.py) --------------------------------------------------
+
+    def loss_and_grads(self, input_ids, target_ids):
+        """Mean cross-entropy of target_ids [B, T] given input_ids [B, T], and its gradient for every
+        weight: (loss: float, grads keyed and shaped like `self.weights`). See training/backward.py."""
+        from .training.backward import loss_and_grads
+        return loss_and_grads(self, input_ids, target_ids)
+
     # --- generation (see generate.py and chat.py) --------------------------------------------
 
     def generate(self, prompt, **kwargs):

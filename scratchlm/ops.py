@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, device, is_numpy_array, is_torch_array
 
 
 # --- normalisation ---------------------------------------------------------------------------
@@ -23,6 +23,22 @@ def rms_norm(x, w, eps: float):
     return x * (1.0 / xp.sqrt(ms + eps)) * w
 
 
+def rms_norm_backward(dy, x, w, eps: float):
+    """Gradients of rms_norm from the output gradient dy [..., D] and the forward's input x: (dx, dw).
+
+    With r = 1/sqrt(mean(x^2) + eps), xh = x*r and g = dy*w: dw = sum over rows of dy*xh, and
+    dx = r * (g - xh * mean(g*xh)): the second term removes what would only change the rms.
+    """
+    xp = array_namespace(x)
+    D = x.shape[-1]
+    r = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # [..., D] -> [..., 1]
+    xh = x * r  # [..., D]
+    dw = xp.sum(xp.reshape(dy * xh, (-1, D)), axis=0)  # [N,D] -> [D]
+    g = dy * w  # [..., D]
+    dx = r * (g - xh * xp.mean(g * xh, axis=-1, keepdims=True))  # [..., D]
+    return dx, dw
+
+
 def layer_norm(x, w, b, eps: float):
     """LayerNorm (GPT-2): (x - mean) / sqrt(var + eps) * w + b, over the last axis."""
     xp = array_namespace(x)
@@ -30,6 +46,25 @@ def layer_norm(x, w, b, eps: float):
     xc = x - mu
     var = xp.mean(xc * xc, axis=-1, keepdims=True)  # [..., 1]
     return xc * (1.0 / xp.sqrt(var + eps)) * w + b
+
+
+def layer_norm_backward(dy, x, w, eps: float):
+    """Gradients of layer_norm from dy [..., D] and the forward's input x: (dx, dw, db).
+
+    With xh = (x - mean) * r and g = dy*w: dx = r * (g - mean(g) - xh * mean(g*xh)), the mean and
+    the variance each taking their share back out of g.
+    """
+    xp = array_namespace(x)
+    D = x.shape[-1]
+    xc = x - xp.mean(x, axis=-1, keepdims=True)  # [..., D]
+    r = 1.0 / xp.sqrt(xp.mean(xc * xc, axis=-1, keepdims=True) + eps)  # [..., 1]
+    xh = xc * r  # [..., D]
+    dy2 = xp.reshape(dy, (-1, D))  # [N,D]
+    dw = xp.sum(xp.reshape(dy * xh, (-1, D)), axis=0)  # [N,D] -> [D]
+    db = xp.sum(dy2, axis=0)  # [N,D] -> [D]
+    g = dy * w  # [..., D]
+    dx = r * (g - xp.mean(g, axis=-1, keepdims=True) - xh * xp.mean(g * xh, axis=-1, keepdims=True))  # [..., D]
+    return dx, dw, db
 
 
 # --- activations -----------------------------------------------------------------------------
@@ -40,9 +75,31 @@ def silu(x):
     return x / (1.0 + xp.exp(-x))
 
 
+def silu_backward(dy, x):
+    """d silu(x)/dx * dy = dy * s * (1 + x * (1 - s)), s = sigmoid(x)."""
+    xp = array_namespace(x)
+    s = 1.0 / (1.0 + xp.exp(-x))
+    return dy * (s * (1.0 + x * (1.0 - s)))
+
+
 def swiglu(gate, up):
     """SwiGLU's gating (Llama's FFN): silu(x W1) * (x W3); the caller applies W2."""
     return silu(gate) * up
+
+
+def swiglu_backward(dy, gate, up):
+    """Gradients of swiglu(gate, up) = silu(gate) * up from dy [..., F]: (dgate, dup), each [..., F]."""
+    xp = array_namespace(gate)
+    s = xp.exp(-gate)  # [..., F]; fresh arrays below are updated in place to save memory passes
+    s += 1.0
+    s = 1.0 / s  # sigmoid(gate), shared by silu and its derivative
+    sg = gate * s  # silu(gate)
+    dup = dy * sg
+    dsilu = sg * (1.0 - s)
+    dsilu += s  # silu'(gate) = s + silu(gate) * (1 - s)
+    dgate = dy * up
+    dgate *= dsilu
+    return dgate, dup
 
 
 def gelu_tanh(x):
@@ -51,11 +108,63 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
+def gelu_tanh_backward(dy, x):
+    """d gelu_tanh(x)/dx * dy, with u = c*(x + 0.044715 x^3), t = tanh(u):
+    0.5*(1 + t) + 0.5*x*(1 - t^2)*c*(1 + 3*0.044715 x^2)."""
+    xp = array_namespace(x)
+    c = math.sqrt(2.0 / math.pi)
+    x2 = x * x
+    t = xp.tanh(c * (x + 0.044715 * (x2 * x)))
+    return dy * (0.5 * (1.0 + t) + (0.5 * c) * x * (1.0 - t * t) * (1.0 + (3.0 * 0.044715) * x2))
+
+
 def softmax(x, axis: int = -1):
     """Numerically stable softmax: subtract the max so exp never overflows."""
     xp = array_namespace(x)
     e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
     return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+def softmax_backward(dy, y, axis: int = -1):
+    """Gradient of softmax from dy and the forward's output y: y * (dy - sum(dy * y)) along `axis`."""
+    xp = array_namespace(y)
+    return y * (dy - xp.sum(dy * y, axis=axis, keepdims=True))
+
+
+def log_softmax(x, axis: int = -1):
+    """log(softmax(x)) computed as x - logsumexp(x), without overflow or log(0)."""
+    xp = array_namespace(x)
+    z = x - xp.max(x, axis=axis, keepdims=True)  # a fresh array: shifted in place below
+    z -= xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True))
+    return z
+
+
+def _one_hot(targets, V: int, like):
+    """[..., V] booleans, True at each target id (a comparison: integer-array writes are not in the Array API)."""
+    xp = array_namespace(like)
+    return targets[..., None] == xp.arange(V, device=device(like))  # [...,1] == [V] -> [..., V]
+
+
+def cross_entropy(logits, targets, logp=None):
+    """Mean over all tokens of -log softmax(logits)[target]: logits [..., V] float, targets [...] int -> 0-d.
+    `logp`, the caller's log_softmax(logits) when it has one, saves recomputing it."""
+    xp = array_namespace(logits)
+    logp = log_softmax(logits) if logp is None else logp  # [..., V]
+    picked = xp.take_along_axis(logp, targets[..., None], axis=-1)  # [..., V] -> [..., 1]: log p of each target
+    return -xp.mean(picked)
+
+
+def cross_entropy_backward(logits, targets, dloss: float = 1.0, logp=None):
+    """Gradient of cross_entropy with respect to the logits: (softmax(logits) - onehot(targets)) * dloss / N,
+    N the number of tokens (the loss is a mean). [..., V]. With `logp` (log_softmax(logits), shared with
+    the loss) the softmax is one exp instead of a second max/exp/sum/divide."""
+    xp = array_namespace(logits)
+    V = logits.shape[-1]
+    n = math.prod(logits.shape[:-1])
+    g = softmax(logits) if logp is None else xp.exp(logp)  # [..., V], a fresh array: safe to update in place
+    g -= xp.astype(_one_hot(targets, V, logits), g.dtype)
+    g *= dloss / n
+    return g
 
 
 # --- RoPE ------------------------------------------------------------------------------------
@@ -109,6 +218,14 @@ def rope(x, cos, sin):
     return xp.reshape(out, (B, T, N, Hd))
 
 
+def rope_backward(dy, cos, sin):
+    """Gradient of rope: the transpose of a rotation is the rotation by the opposite angle.
+
+    dy: [B, T, N, Hd], cos/sin: [T, Hd/2] -> [B, T, N, Hd]
+    """
+    return rope(dy, cos, -sin)
+
+
 # --- attention -------------------------------------------------------------------------------
 
 def causal_mask(T: int, S: int) -> np.ndarray:
@@ -141,3 +258,90 @@ def attention(q, k, v, mask=None, record=None):
         record("probs", xp.reshape(p, (B, H, T, S)))
     out = p @ v[:, :, None]  # [B,K,G,T,S] @ [B,K,1,S,Hd] -> [B,K,G,T,Hd]
     return xp.reshape(out, (B, H, T, Hd))
+
+
+def attention_backward(dout, q, k, v, probs):
+    """Gradients of causal grouped-query attention from dout [B, H, T, Hd], the forward's inputs
+    q [B, H, T, Hd], k, v [B, K, S, Hd] and its probabilities probs [B, H, T, S]: (dq, dk, dv).
+
+    The G query heads sharing a kv head are stacked along the rows ([B,K,G*T,...]) so that each
+    product is one batched matmul and the kv gradients sum over the group inside the matmul.
+    Masked positions have probability 0, so the softmax backward gives them no gradient.
+    """
+    xp = array_namespace(q)
+    B, H, T, Hd = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    scale = 1.0 / math.sqrt(Hd)
+    p = xp.reshape(probs, (B, K, G * T, S))  # [B,H,T,S] -> [B,K,G*T,S]
+    do = xp.reshape(dout, (B, K, G * T, Hd))  # [B,H,T,Hd] -> [B,K,G*T,Hd]
+    qg = xp.reshape(q, (B, K, G * T, Hd))  # [B,H,T,Hd] -> [B,K,G*T,Hd]
+    dv = xp.permute_dims(p, (0, 1, 3, 2)) @ do  # [B,K,S,G*T] @ [B,K,G*T,Hd] -> [B,K,S,Hd]
+    dp = do @ xp.permute_dims(v, (0, 1, 3, 2))  # [B,K,G*T,Hd] @ [B,K,Hd,S] -> [B,K,G*T,S]
+    # softmax backward, in place on the fresh dp: p * (dp - sum(dp * p)), times the scores' scale
+    ds = dp
+    ds -= xp.sum(dp * p, axis=-1, keepdims=True)  # [B,K,G*T,S] - [B,K,G*T,1]
+    ds *= p
+    ds *= scale  # the scores were (q @ k^T) * scale
+    dq = ds @ k  # [B,K,G*T,S] @ [B,K,S,Hd] -> [B,K,G*T,Hd]
+    dk = xp.permute_dims(ds, (0, 1, 3, 2)) @ qg  # [B,K,S,G*T] @ [B,K,G*T,Hd] -> [B,K,S,Hd]
+    return xp.reshape(dq, (B, H, T, Hd)), dk, dv
+
+
+# --- embedding and linear layers ---------------------------------------------------------------
+
+def embedding(table, ids):
+    """Rows of `table` [V, D] for token ids [...] -> [..., D]."""
+    xp = array_namespace(table)
+    return xp.reshape(xp.take(table, xp.reshape(ids, (-1,)), axis=0), (*ids.shape, table.shape[-1]))  # [N,D] -> [...,D]
+
+
+def _index_add_rows(out, ids, src):
+    """out[ids[n]] += src[n] for every n, repeated ids adding up: [V, D] += scatter of [N, D].
+
+    The Array API has no scatter-add, so this is the one namespace-specific helper: NumPy's
+    ufunc.at and torch's index_add_ do it directly; any other namespace gets a one-hot matmul,
+    in chunks of rows so the [chunk, V] one-hot stays small.
+    """
+    if is_numpy_array(out):
+        np.add.at(out, ids, src)
+        return out
+    if is_torch_array(out):
+        return out.index_add_(0, ids, src)
+    xp = array_namespace(out)
+    V = out.shape[0]
+    rows = xp.arange(V, device=device(out))
+    for a in range(0, ids.shape[0], 1024):
+        oh = xp.astype(ids[a:a + 1024, None] == rows, src.dtype)  # [n,1] == [V] -> [n,V]
+        out = out + xp.permute_dims(oh, (1, 0)) @ src[a:a + 1024]  # [V,n] @ [n,D] -> [V,D]
+    return out
+
+
+def embedding_backward(dy, ids, vocab_size: int, out=None):
+    """Gradient of embedding with respect to the table: the rows of dy [..., D] added up per token
+    id -> [V, D]. With `out` (a [V, D] gradient already holding another use of the same table, as
+    with a tied output head) the rows are added into it in place."""
+    xp = array_namespace(dy)
+    D = dy.shape[-1]
+    if out is None:
+        out = xp.zeros((vocab_size, D), dtype=dy.dtype, device=device(dy))
+    return _index_add_rows(out, xp.reshape(ids, (-1,)), xp.reshape(dy, (-1, D)))  # [N], [N,D] -> [V,D]
+
+
+def linear(x, w, b=None):
+    """x @ W.T (+ b) with W in [out, in] layout: [..., in] -> [..., out]."""
+    y = x @ w.T  # [..., in] @ [in, out] -> [..., out]
+    return y if b is None else y + b
+
+
+def linear_backward(dy, x, w, bias: bool = False):
+    """Gradients of linear from dy [..., out] and the forward's input x [..., in]: (dx, dw, db), db None
+    without a bias. dw is one [out, N] @ [N, in] matmul over all B*T rows at once."""
+    xp = array_namespace(x)
+    n_out, n_in = w.shape
+    dy2 = xp.reshape(dy, (-1, n_out))  # [...,out] -> [N,out]
+    x2 = xp.reshape(x, (-1, n_in))  # [...,in] -> [N,in]
+    dx = xp.reshape(dy2 @ w, (*dy.shape[:-1], n_in))  # [N,out] @ [out,in] -> [N,in] -> [..., in]: one big matmul
+    dw = xp.permute_dims(dy2, (1, 0)) @ x2  # [out,N] @ [N,in] -> [out,in]
+    db = xp.sum(dy2, axis=0) if bias else None  # [N,out] -> [out]
+    return dx, dw, db

@@ -1,0 +1,143 @@
+"""The backward pass of the decoder, written by hand (no autograd), op by op with ops.*_backward.
+
+`loss_and_grads(model, input_ids, target_ids)` runs the model's own `forward` with a recorder that
+keeps the activations the backward needs (the same decoder, not a second implementation), then
+walks the layers in reverse. Gradients of the fused matrices (wqkv, w13 and their biases) are
+computed once per layer and handed out as row slices under the canonical names, so q/k rows come
+out in Meta's interleaved order like the weights themselves.
+
+The residual stream makes the walk simple: the gradient `dx` of the stream [B,T,D] passes each
+residual add unchanged, and each block adds what flows back through its normalisation.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import device
+
+from .. import ops
+from ..errors import PromptError
+
+# What the backward reads from the forward's recording (layer names are prefixed "layers.{i}.").
+_KEEP_LAYER = ("attention_norm", "q", "k", "q_rope", "k_rope", "v", "probs", "heads", "residual_attention",
+               "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "residual_ffn")
+_KEEP_OTHER = ("embedding", "embedding+pos", "rope.cos", "rope.sin", "norm")
+
+
+def _check_ids(xp, ids, name: str, shape, vocab_size: int):
+    ids = xp.asarray(ids)
+    if ids.ndim != 2 or 0 in ids.shape:
+        raise PromptError(f"{name} must be a non-empty integer array of shape [B, T], got shape {list(ids.shape)}")
+    if shape is not None and tuple(ids.shape) != tuple(shape):
+        raise PromptError(f"{name} has shape {list(ids.shape)}, expected {list(shape)} like input_ids")
+    if not xp.isdtype(ids.dtype, "integral"):
+        raise PromptError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    lo, hi = int(xp.min(ids)), int(xp.max(ids))
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise PromptError(f"{name}: token id {bad} is outside the model's vocabulary [0, {vocab_size})")
+    return xp.astype(ids, xp.int64)
+
+
+def loss_and_grads(model, input_ids, target_ids):
+    """Mean next-token cross-entropy over all B*T targets and its gradient for every weight.
+
+    input_ids, target_ids: integer arrays [B, T] (target_ids[b, t] is the token that should follow
+    input_ids[b, :t+1]). Returns (loss: float, grads: dict) with grads keyed and shaped exactly like
+    `model.weights`, float32 in the model's array namespace.
+    """
+    xp, cfg, W = model.xp, model.config, model.weights
+    ids = _check_ids(xp, input_ids, "input_ids", None, cfg.vocab_size)
+    tgt = _check_ids(xp, target_ids, "target_ids", ids.shape, cfg.vocab_size)
+    B, T = ids.shape
+    H, K, Hd, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    gpt2 = cfg.arch == "gpt2"
+    eps = cfg.norm_eps
+
+    keep = set(_KEEP_OTHER) | {f"layers.{i}.{n}" for i in range(cfg.n_layers) for n in _KEEP_LAYER}
+    act = {}
+
+    def recorder(name, a):
+        if name in keep:
+            act[name] = a
+
+    logits = model.forward(ids, recorder=recorder)  # [B,T,V]
+    logp = ops.log_softmax(logits)  # [B,T,V], shared by the loss and its gradient
+    loss = float(ops.cross_entropy(logits, tgt, logp=logp))
+    dlogits = ops.cross_entropy_backward(logits, tgt, logp=logp)  # [B,T,V]
+    del logits, logp
+
+    grads = {}
+
+    def norm_backward(dy, x, prefix):
+        """Backward of the norm whose weights are `prefix`.weight (and .bias for GPT-2): returns dx."""
+        if gpt2:
+            dx, grads[prefix + ".weight"], grads[prefix + ".bias"] = ops.layer_norm_backward(dy, x, W[prefix + ".weight"], eps)
+        else:
+            dx, grads[prefix + ".weight"] = ops.rms_norm_backward(dy, x, W[prefix + ".weight"], eps)
+        return dx
+
+    # --- output head and final norm ---
+    dxn, d_head, _ = ops.linear_backward(dlogits, act["norm"], model.output_weight)  # [B,T,D], [V,D]
+    del dlogits
+    dx = norm_backward(dxn, act[f"layers.{cfg.n_layers - 1}.residual_ffn"], "norm")  # [B,T,D]: gradient of the residual stream
+
+    cos, sin = act.get("rope.cos"), act.get("rope.sin")  # the forward's rotation angles, [T,Hd/2] each (Llama)
+
+    for i in reversed(range(cfg.n_layers)):
+        L, p = model.layers[i], f"layers.{i}."
+        a = {n: act[p + n] for n in _KEEP_LAYER if p + n in act}
+        x_in = act[f"layers.{i - 1}.residual_ffn"] if i else act["embedding+pos" if gpt2 else "embedding"]
+
+        # --- feed-forward block: x_out = x_mid + ffn(norm(x_mid)) ---
+        if gpt2:
+            d_act, grads[p + "feed_forward.w2.weight"], grads[p + "feed_forward.w2.bias"] = ops.linear_backward(
+                dx, a["ffn_act"], L.w2, bias=True)  # [B,T,F]
+            d_up = ops.gelu_tanh_backward(d_act, a["ffn_up"])  # [B,T,F]
+            dh, grads[p + "feed_forward.w1.weight"], grads[p + "feed_forward.w1.bias"] = ops.linear_backward(
+                d_up, a["ffn_norm"], L.w1, bias=True)  # [B,T,D]
+        else:
+            d_act, grads[p + "feed_forward.w2.weight"], _ = ops.linear_backward(dx, a["ffn_act"], L.w2)  # [B,T,F]
+            d_gate, d_up = ops.swiglu_backward(d_act, a["ffn_gate"], a["ffn_up"])  # [B,T,F] each
+            d_gu = xp.concat([d_gate, d_up], axis=-1)  # [B,T,2F], the layout of the fused gate/up output
+            dh, d_w13, _ = ops.linear_backward(d_gu, a["ffn_norm"], L.w13)  # [B,T,D], [2F,D]
+            grads[p + "feed_forward.w1.weight"], grads[p + "feed_forward.w3.weight"] = d_w13[:F], d_w13[F:]
+        dx = dx + norm_backward(dh, a["residual_attention"], p + "ffn_norm")  # both paths of the residual
+
+        # --- attention block: x_mid = x_in + wo(attention(rope(wqkv(norm(x_in))))) ---
+        heads = a["heads"]  # [B,H,T,Hd]
+        a_cat = xp.reshape(xp.permute_dims(heads, (0, 2, 1, 3)), (B, T, H * Hd))  # [B,H,T,Hd] -> [B,T,H*Hd]
+        d_cat, grads[p + "attention.wo.weight"], d_bo = ops.linear_backward(dx, a_cat, L.wo, bias=gpt2)  # [B,T,H*Hd]
+        if gpt2:
+            grads[p + "attention.wo.bias"] = d_bo
+        d_heads = xp.permute_dims(xp.reshape(d_cat, (B, T, H, Hd)), (0, 2, 1, 3))  # [B,T,H*Hd] -> [B,H,T,Hd]
+        q, k = (a["q"], a["k"]) if gpt2 else (a["q_rope"], a["k_rope"])  # what attention saw: [B,T,H|K,Hd]
+        dq, dk, dv = ops.attention_backward(
+            d_heads,
+            xp.permute_dims(q, (0, 2, 1, 3)),  # [B,T,H,Hd] -> [B,H,T,Hd]
+            xp.permute_dims(k, (0, 2, 1, 3)),  # [B,T,K,Hd] -> [B,K,T,Hd]
+            xp.permute_dims(a["v"], (0, 2, 1, 3)),  # [B,T,K,Hd] -> [B,K,T,Hd]
+            a["probs"])  # [B,H,T,Hd], [B,K,T,Hd], [B,K,T,Hd]
+        d_qk = xp.concat([xp.permute_dims(dq, (0, 2, 1, 3)), xp.permute_dims(dk, (0, 2, 1, 3))], axis=2)  # [B,T,H+K,Hd]
+        if not gpt2:
+            d_qk = ops.rope_backward(d_qk, cos, sin)  # un-rotate queries and keys together
+        d_qkv = xp.concat([d_qk, xp.permute_dims(dv, (0, 2, 1, 3))], axis=2)  # [B,T,H+2K,Hd], the fused layout
+        d_qkv = xp.reshape(d_qkv, (B, T, (H + 2 * K) * Hd))  # [B,T,H+2K,Hd] -> [B,T,(H+2K)*Hd]
+        dh, d_wqkv, d_bqkv = ops.linear_backward(d_qkv, a["attention_norm"], L.wqkv, bias=gpt2)  # [B,T,D]
+        nq, nk = H * Hd, K * Hd
+        for n, lo, hi in (("wq", 0, nq), ("wk", nq, nq + nk), ("wv", nq + nk, nq + 2 * nk)):
+            grads[p + f"attention.{n}.weight"] = d_wqkv[lo:hi]  # row slices of the fused gradient
+            if gpt2:
+                grads[p + f"attention.{n}.bias"] = d_bqkv[lo:hi]
+        dx = dx + norm_backward(dh, x_in, p + "attention_norm")
+
+    # --- embeddings ---
+    if gpt2:
+        d_pos = xp.zeros(W["pos_embeddings.weight"].shape, dtype=dx.dtype, device=device(dx))  # [max_seq_len,D]; unseen rows get 0
+        d_pos[:T] = xp.sum(dx, axis=0)  # [B,T,D] -> [T,D]: every sequence used positions 0..T-1
+        grads["pos_embeddings.weight"] = d_pos
+    if cfg.tie_embeddings:  # one table, two uses: the head's gradient plus the lookup's
+        grads["tok_embeddings.weight"] = ops.embedding_backward(dx, ids, cfg.vocab_size, out=d_head)
+    else:
+        grads["output.weight"] = d_head
+        grads["tok_embeddings.weight"] = ops.embedding_backward(dx, ids, cfg.vocab_size)
+    return loss, {n: grads[n] for n in W}
