@@ -14,7 +14,7 @@ from ..errors import FormatError, ModelNotFoundError, TokenizerError
 
 
 def detect_format(path: Path) -> str:
-    """'gguf', 'hf' or 'meta' for a model path, or a one-line error saying what was expected."""
+    """'gguf', 'hf', 'meta' or 'run' (a scratchlm training run) for a model path, or a one-line error saying what was expected."""
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
@@ -22,6 +22,8 @@ def detect_format(path: Path) -> str:
             if f.read(4) == b"GGUF":
                 return "gguf"
         raise FormatError(f"{path}: not a GGUF file (expected a .gguf file, or a Hugging Face or Meta model directory)")
+    if (path / "scratchlm-run.json").is_file():  # a training run (training/checkpoint.py); it has a config.json too
+        return "run"
     if (path / "config.json").is_file():
         return "hf"
     if (path / "params.json").is_file():
@@ -39,6 +41,10 @@ def load_checkpoint(path, progress: bool = False):
     path = Path(path)
     fmt = detect_format(path)
     tokenizer = None
+    if fmt == "run":
+        from ..training.checkpoint import load_run
+        cfg, weights, tokenizer, info = load_run(path, progress=progress)
+        return cfg, weights, tokenizer, dict(info, source=str(path), format=fmt)
     if fmt == "gguf":
         from .gguf import load_gguf
         if path.is_dir():

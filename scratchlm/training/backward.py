@@ -21,6 +21,8 @@ from ..errors import PromptError
 _KEEP_LAYER = ("attention_norm", "q", "k", "q_rope", "k_rope", "v", "probs", "heads", "residual_attention",
                "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "residual_ffn")
 _KEEP_OTHER = ("embedding", "embedding+pos", "rope.cos", "rope.sin", "norm")
+# what LoRA adapters record (training/lora.py), per fused group
+_KEEP_LORA = tuple(f"lora.{g}.{n}" for g in ("qkv", "o", "w13", "down") for n in ("x", "u", "keep"))
 
 
 def _check_ids(xp, ids, name: str, shape, vocab_size: int):
@@ -38,14 +40,26 @@ def _check_ids(xp, ids, name: str, shape, vocab_size: int):
     return xp.astype(ids, xp.int64)
 
 
-def loss_and_grads(model, input_ids, target_ids):
+def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all"):
     """Mean next-token cross-entropy over all B*T targets and its gradient for every weight.
 
     input_ids, target_ids: integer arrays [B, T] (target_ids[b, t] is the token that should follow
     input_ids[b, :t+1]). Returns (loss: float, grads: dict) with grads keyed and shaped exactly like
     `model.weights`, float32 in the model's array namespace.
+
+    loss_mask [B, T] of 0/1 (optional): the loss is the mean over the targets where it is 1 only (the
+    assistant's tokens, in fine-tuning). wrt="adapters": the base is frozen; only the gradients of the
+    LoRA adapters attached to the model (model.adapter) are formed, keyed like adapter.params; the
+    backward still flows through every base weight, but skips their weight-gradient matmuls (the
+    output head's [V,D] one included). With wrt="all" and an adapter, its gradients are added to grads.
     """
     xp, cfg, W = model.xp, model.config, model.weights
+    if wrt not in ("all", "adapters"):
+        raise ValueError(f"wrt must be 'all' or 'adapters', got {wrt!r}")
+    ad = getattr(model, "adapter", None)
+    if wrt == "adapters" and ad is None:
+        raise ValueError("wrt='adapters' needs LoRA adapters attached to the model (model.adapter)")
+    base = wrt == "all"  # form the base weights' gradients
     ids = _check_ids(xp, input_ids, "input_ids", None, cfg.vocab_size)
     tgt = _check_ids(xp, target_ids, "target_ids", ids.shape, cfg.vocab_size)
     B, T = ids.shape
@@ -54,6 +68,19 @@ def loss_and_grads(model, input_ids, target_ids):
     eps = cfg.norm_eps
 
     keep = set(_KEEP_OTHER) | {f"layers.{i}.{n}" for i in range(cfg.n_layers) for n in _KEEP_LAYER}
+    if ad is not None:
+        keep |= {f"layers.{i}.{n}" for i in range(cfg.n_layers) for n in _KEEP_LORA}
+    mask = None
+    if loss_mask is not None:
+        mask = xp.asarray(loss_mask)
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise PromptError(f"loss_mask has shape {list(mask.shape)}, expected {list(ids.shape)} like input_ids")
+        mask = xp.astype(mask, xp.float32)
+        if bool(xp.any((mask != 0) & (mask != 1))):
+            raise PromptError("loss_mask must hold only 0 and 1")
+        n_on = float(xp.sum(mask))
+        if n_on == 0:
+            raise PromptError("loss_mask selects no target: nothing to learn from")
     act = {}
 
     def recorder(name, a):
@@ -62,8 +89,14 @@ def loss_and_grads(model, input_ids, target_ids):
 
     logits = model.forward(ids, recorder=recorder)  # [B,T,V]
     logp = ops.log_softmax(logits)  # [B,T,V], shared by the loss and its gradient
-    loss = float(ops.cross_entropy(logits, tgt, logp=logp))
-    dlogits = ops.cross_entropy_backward(logits, tgt, logp=logp)  # [B,T,V]
+    if mask is None:
+        loss = float(ops.cross_entropy(logits, tgt, logp=logp))
+        dlogits = ops.cross_entropy_backward(logits, tgt, logp=logp)  # [B,T,V]
+    else:  # mean over the selected targets only: the others get zero gradient
+        picked = xp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]  # [B,T,V] -> [B,T]
+        loss = -float(xp.sum(picked * mask)) / n_on
+        dlogits = ops.cross_entropy_backward(logits, tgt, dloss=B * T / n_on, logp=logp)  # [B,T,V]
+        dlogits *= mask[..., None]  # [B,T,V] * [B,T,1]
     del logits, logp
 
     grads = {}
@@ -71,13 +104,25 @@ def loss_and_grads(model, input_ids, target_ids):
     def norm_backward(dy, x, prefix):
         """Backward of the norm whose weights are `prefix`.weight (and .bias for GPT-2): returns dx."""
         if gpt2:
-            dx, grads[prefix + ".weight"], grads[prefix + ".bias"] = ops.layer_norm_backward(dy, x, W[prefix + ".weight"], eps)
+            dx, dw, db = ops.layer_norm_backward(dy, x, W[prefix + ".weight"], eps)
+            if base:
+                grads[prefix + ".weight"], grads[prefix + ".bias"] = dw, db
         else:
-            dx, grads[prefix + ".weight"] = ops.rms_norm_backward(dy, x, W[prefix + ".weight"], eps)
+            dx, dw = ops.rms_norm_backward(dy, x, W[prefix + ".weight"], eps)
+            if base:
+                grads[prefix + ".weight"] = dw
         return dx
 
+    def lora_backward(i, group, dy, dx):
+        """dx plus the adapters' part of the gradient of the input of layer i's `group` (training/lora.py)."""
+        if ad is None:
+            return dx
+        la = {n: act[f"layers.{i}.{n}"] for n in _KEEP_LORA if f"layers.{i}.{n}" in act}
+        extra = ad.backward(i, group, dy, la, grads)
+        return dx if extra is None else dx + extra
+
     # --- output head and final norm ---
-    dxn, d_head, _ = ops.linear_backward(dlogits, act["norm"], model.output_weight)  # [B,T,D], [V,D]
+    dxn, d_head, _ = ops.linear_backward(dlogits, act["norm"], model.output_weight, weight_grad=base)  # [B,T,D], [V,D]
     del dlogits
     dx = norm_backward(dxn, act[f"layers.{cfg.n_layers - 1}.residual_ffn"], "norm")  # [B,T,D]: gradient of the residual stream
 
@@ -96,17 +141,24 @@ def loss_and_grads(model, input_ids, target_ids):
             dh, grads[p + "feed_forward.w1.weight"], grads[p + "feed_forward.w1.bias"] = ops.linear_backward(
                 d_up, a["ffn_norm"], L.w1, bias=True)  # [B,T,D]
         else:
-            d_act, grads[p + "feed_forward.w2.weight"], _ = ops.linear_backward(dx, a["ffn_act"], L.w2)  # [B,T,F]
+            d_act, d_w2, _ = ops.linear_backward(dx, a["ffn_act"], L.w2, weight_grad=base)  # [B,T,F]
+            d_act = lora_backward(i, "down", dx, d_act)
             d_gate, d_up = ops.swiglu_backward(d_act, a["ffn_gate"], a["ffn_up"])  # [B,T,F] each
             d_gu = xp.concat([d_gate, d_up], axis=-1)  # [B,T,2F], the layout of the fused gate/up output
-            dh, d_w13, _ = ops.linear_backward(d_gu, a["ffn_norm"], L.w13)  # [B,T,D], [2F,D]
-            grads[p + "feed_forward.w1.weight"], grads[p + "feed_forward.w3.weight"] = d_w13[:F], d_w13[F:]
+            dh, d_w13, _ = ops.linear_backward(d_gu, a["ffn_norm"], L.w13, weight_grad=base)  # [B,T,D], [2F,D]
+            dh = lora_backward(i, "w13", d_gu, dh)
+            if base:
+                grads[p + "feed_forward.w2.weight"] = d_w2
+                grads[p + "feed_forward.w1.weight"], grads[p + "feed_forward.w3.weight"] = d_w13[:F], d_w13[F:]
         dx = dx + norm_backward(dh, a["residual_attention"], p + "ffn_norm")  # both paths of the residual
 
         # --- attention block: x_mid = x_in + wo(attention(rope(wqkv(norm(x_in))))) ---
         heads = a["heads"]  # [B,H,T,Hd]
         a_cat = xp.reshape(xp.permute_dims(heads, (0, 2, 1, 3)), (B, T, H * Hd))  # [B,H,T,Hd] -> [B,T,H*Hd]
-        d_cat, grads[p + "attention.wo.weight"], d_bo = ops.linear_backward(dx, a_cat, L.wo, bias=gpt2)  # [B,T,H*Hd]
+        d_cat, d_wo, d_bo = ops.linear_backward(dx, a_cat, L.wo, bias=gpt2, weight_grad=base)  # [B,T,H*Hd]
+        d_cat = lora_backward(i, "o", dx, d_cat)
+        if base:
+            grads[p + "attention.wo.weight"] = d_wo
         if gpt2:
             grads[p + "attention.wo.bias"] = d_bo
         d_heads = xp.permute_dims(xp.reshape(d_cat, (B, T, H, Hd)), (0, 2, 1, 3))  # [B,T,H*Hd] -> [B,H,T,Hd]
@@ -122,13 +174,17 @@ def loss_and_grads(model, input_ids, target_ids):
             d_qk = ops.rope_backward(d_qk, cos, sin)  # un-rotate queries and keys together
         d_qkv = xp.concat([d_qk, xp.permute_dims(dv, (0, 2, 1, 3))], axis=2)  # [B,T,H+2K,Hd], the fused layout
         d_qkv = xp.reshape(d_qkv, (B, T, (H + 2 * K) * Hd))  # [B,T,H+2K,Hd] -> [B,T,(H+2K)*Hd]
-        dh, d_wqkv, d_bqkv = ops.linear_backward(d_qkv, a["attention_norm"], L.wqkv, bias=gpt2)  # [B,T,D]
+        dh, d_wqkv, d_bqkv = ops.linear_backward(d_qkv, a["attention_norm"], L.wqkv, bias=gpt2, weight_grad=base)  # [B,T,D]
+        dh = lora_backward(i, "qkv", d_qkv, dh)
         nq, nk = H * Hd, K * Hd
-        for n, lo, hi in (("wq", 0, nq), ("wk", nq, nq + nk), ("wv", nq + nk, nq + 2 * nk)):
+        for n, lo, hi in (("wq", 0, nq), ("wk", nq, nq + nk), ("wv", nq + nk, nq + 2 * nk)) if base else ():
             grads[p + f"attention.{n}.weight"] = d_wqkv[lo:hi]  # row slices of the fused gradient
             if gpt2:
                 grads[p + f"attention.{n}.bias"] = d_bqkv[lo:hi]
         dx = dx + norm_backward(dh, x_in, p + "attention_norm")
+
+    if not base:  # frozen base: the embeddings' gradients are not needed
+        return loss, {n: grads[n] for n in ad.params}
 
     # --- embeddings ---
     if gpt2:
@@ -140,4 +196,7 @@ def loss_and_grads(model, input_ids, target_ids):
     else:
         grads["output.weight"] = d_head
         grads["tok_embeddings.weight"] = ops.embedding_backward(dx, ids, cfg.vocab_size)
-    return loss, {n: grads[n] for n in W}
+    out = {n: grads[n] for n in W}
+    if ad is not None:
+        out.update((n, grads[n]) for n in ad.params)
+    return loss, out

@@ -1,0 +1,177 @@
+"""Training throughput: our NumPy trainer step (own backward + clipping + AdamW) against the same step in
+PyTorch autograd (transformers' LlamaForCausalLM / GPT2LMHeadModel, fp32, torch.optim.AdamW), side by side.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_training.py [--arch llama] [--layers 4 --dim 128 ...]
+
+Each side runs in its own child process (so peak memory is its own: resource.getrusage's ru_maxrss),
+both with 2 threads; the rounds alternate ours/torch so machine noise hits both alike. Reported:
+tokens/s (B*T per optimizer step / seconds per step, median of rounds), the ratio ours/torch, and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(a):
+    from scratchlm.training.trainer import TrainArgs
+    return TrainArgs(arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads, kv_heads=a.kv_heads,
+                     context=a.context, batch=a.batch).model_config(a.vocab)
+
+
+def _batches(a, n):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return [(rng.integers(0, a.vocab, (a.batch, a.context)), rng.integers(0, a.vocab, (a.batch, a.context)))
+            for _ in range(n)]
+
+
+def worker_ours(a) -> dict:
+    import numpy as np  # noqa: F401
+
+    from scratchlm.model import Model
+    from scratchlm.training.optim import AdamW, clip_grad_norm
+    from scratchlm.training.trainer import init_weights
+
+    cfg = _cfg(a)
+    model = Model(cfg, init_weights(cfg, 0))
+    opt = AdamW(model.weights, betas=(0.9, 0.95), weight_decay=0.1)
+    data = _batches(a, a.warmup + a.steps)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, phases = [], {"forward+backward": 0.0, "clip": 0.0, "adamw": 0.0}
+    for i, (x, y) in enumerate(data):
+        t0 = time.perf_counter()
+        loss, grads = model.loss_and_grads(x, y)
+        t1 = time.perf_counter()
+        clip_grad_norm(grads, 1.0)
+        t2 = time.perf_counter()
+        opt.step(grads, 1e-3)
+        t3 = time.perf_counter()
+        if i >= a.warmup:
+            times.append(t3 - t0)
+            phases["forward+backward"] += t1 - t0
+            phases["clip"] += t2 - t1
+            phases["adamw"] += t3 - t2
+    return {"step_s": times, "loss": float(loss), "params": cfg.n_params, "phases": phases,
+            "rss_before_mb": rss0 / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def worker_torch(a) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = _cfg(a)
+    if a.arch == "llama":
+        hf = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                                      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                                      num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+                                      rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                                      tie_word_embeddings=cfg.tie_embeddings)
+        model = transformers.LlamaForCausalLM(hf)
+    else:
+        hf = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.dim, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                                     n_positions=cfg.max_seq_len, n_inner=cfg.ffn_dim, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
+        model = transformers.GPT2LMHeadModel(hf)
+    model = model.float().train()
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.95))
+    data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in _batches(a, a.warmup + a.steps)]
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for i, (x, y) in enumerate(data):
+        t0 = time.perf_counter()
+        logits = model(input_ids=x).logits  # [B,T,V]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    return {"step_s": times, "loss": float(loss), "params": n_params, "attn": getattr(hf, "_attn_implementation", None),
+            "rss_before_mb": rss0 / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="llama", choices=("llama", "gpt2"))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=0)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=96, help="vocabulary size (96: a character model of code)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    if a.worker:
+        r = worker_ours(a) if a.worker == "ours" else worker_torch(a)
+        print(json.dumps(r))
+        return 0
+    n = str(a.threads)  # both sides get the same thread count (BLAS pools for NumPy, intra-op for torch)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n)
+    argv = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--json"]
+    results = {"ours": [], "torch": []}
+    for _ in range(a.rounds):
+        for side in ("ours", "torch"):
+            out = subprocess.run([sys.executable, __file__, "--worker", side] + argv, env=env, capture_output=True,
+                                 text=True, check=False)
+            if out.returncode:
+                print(out.stderr, file=sys.stderr)
+                return 1
+            results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    tokens = a.batch * a.context
+    summary = {}
+    for side, rs in results.items():
+        step = statistics.median(s for r in rs for s in r["step_s"])
+        summary[side] = {"tok_s": tokens / step, "step_ms": step * 1e3, "params": rs[0]["params"],
+                         "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                         "rss_before_train_mb": max(r["rss_before_mb"] for r in rs)}
+    ph = results["ours"][-1]["phases"]
+    tot = sum(ph.values())
+    summary["ours"]["phases"] = {k: round(v / tot, 3) for k, v in ph.items()}
+    summary["ratio"] = summary["ours"]["tok_s"] / summary["torch"]["tok_s"]
+    summary["shape"] = dict(arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads, kv_heads=a.kv_heads or a.heads,
+                            context=a.context, batch=a.batch, vocab=a.vocab, threads=a.threads)
+    if a.json:
+        print(json.dumps(summary))
+        return 0
+    s = summary["shape"]
+    print(f"{s['arch']} L={s['layers']} D={s['dim']} H={s['heads']} K={s['kv_heads']} T={s['context']} B={s['batch']} "
+          f"V={s['vocab']}, {a.threads} threads, median of {a.rounds}x{a.steps} steps")
+    for side in ("ours", "torch"):
+        r = summary[side]
+        print(f"  {side:<6} {r['tok_s']:>9,.0f} tok/s  {r['step_ms']:7.1f} ms/step  params {r['params']:,}  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB (before training {r['rss_before_train_mb']:.0f} MB)")
+    print(f"  ratio ours/torch: {summary['ratio']:.2f}x")
+    print("  our step: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["ours"]["phases"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

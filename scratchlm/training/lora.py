@@ -1,0 +1,395 @@
+"""LoRA adapters, from scratch: low-rank updates W + (alpha/r) * B @ A on chosen projections of a frozen base.
+
+For a projection y = x @ W.T with W [out, in], LoRA learns A [r, in] and B [out, r] and computes
+
+    y = x @ W.T + s * (dropout(x) @ A.T) @ B.T          s = alpha / r
+
+B starts at zero, so training starts from exactly the base model; A starts like PEFT's (kaiming-uniform,
+bound 1/sqrt(in)). Only A and B are trained.
+
+The model fuses q/k/v into one matrix wqkv and gate/up into w13 (model.py); the adapters follow that
+fusion: the A matrices of one fused group are stacked into one array, so the group needs one matmul
+for all its adapters (x @ A_cat.T), and each B adds into its own rows of the fused output. The named
+parameters (`params`) are views into the stacked arrays, so an optimizer updating them in place
+updates what the forward uses (the same trick as the model's own fused weights).
+
+q/k rows: like the model's weights, lora_B of q and k is kept in Meta's interleaved RoPE order;
+PEFT files store Hugging Face's rotate-half order, converted on save/load with formats/permute.py.
+
+Files: Hugging Face PEFT format, `adapter_config.json` + `adapter_model.safetensors` with keys
+`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` etc., so PEFT loads our adapters on
+the transformers model, and we load PEFT adapters trained elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import FormatError, ModelNotFoundError, UnsupportedError
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+META_NAME = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
+             "gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}
+# the fused base matmul each target adds to (model.py): qkv = x @ wqkv.T, gu = x @ w13.T, ...
+GROUP = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "w13", "up": "w13", "down": "down"}
+GROUPS = ("qkv", "o", "w13", "down")
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight")
+_HF_TO_TARGET = {v.split(".")[1]: k for k, v in HF_MODULE.items()}  # q_proj -> q
+
+
+def parse_targets(spec) -> tuple[str, ...]:
+    """"q,k,v" (or a list; HF names like q_proj accepted too) -> targets in canonical order."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = set()
+    for t in items:
+        t = str(t).strip()
+        if not t:
+            continue
+        t = _HF_TO_TARGET.get(t, t)
+        if t not in TARGETS:
+            raise ValueError(f"unknown LoRA target {t!r}: choose from {','.join(TARGETS)}")
+        out.add(t)
+    if not out:
+        raise ValueError(f"no LoRA targets given: choose from {','.join(TARGETS)}")
+    return tuple(t for t in TARGETS if t in out)
+
+
+def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each target projection."""
+    D, F, q, kv = cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"q": (q, D), "k": (kv, D), "v": (kv, D), "o": (D, q), "gate": (F, D), "up": (F, D), "down": (D, F)}
+
+
+def _row_offsets(cfg: ModelConfig) -> dict[str, int]:
+    """First output row of each target inside its fused group's output."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"q": 0, "k": q, "v": q + kv, "o": 0, "gate": 0, "up": cfg.ffn_dim, "down": 0}
+
+
+def _check_arch(cfg: ModelConfig) -> None:
+    if cfg.arch != "llama":
+        raise UnsupportedError(f"LoRA supports Llama-architecture models (Llama 3, SmolLM2); this model is {cfg.arch}")
+
+
+class _Group:
+    """The adapters of one fused projection of one layer: stacked A [n*r, in], and per target (lo, hi, B)."""
+
+    __slots__ = ("A", "parts")
+
+    def __init__(self, A, parts):
+        self.A, self.parts = A, parts
+
+
+class LoRA:
+    """Adapters for one model: rank, alpha, dropout, targets, and the A/B arrays of every adapted layer.
+
+    `params` maps "layers.{i}.attention.wq.lora_A" ([r, in]) / ".lora_B" ([out, r]) to float32 arrays.
+    Attach with `attach(model)`: the model's forward then adds the adapters (model.adapter).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 targets=TARGETS, layers=None, use_rslora: bool = False, seed: int = 0, weights: dict | None = None,
+                 base_name: str | None = None):
+        _check_arch(cfg)
+        rank = int(rank)
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
+        if not (0.0 <= float(dropout) < 1.0):
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        self.config, self.rank, self.alpha, self.dropout = cfg, rank, float(alpha), float(dropout)
+        self.targets = parse_targets(targets)
+        self.layers = tuple(range(cfg.n_layers)) if layers is None else tuple(sorted(set(int(i) for i in layers)))
+        self.use_rslora = bool(use_rslora)
+        # rsLoRA (PEFT's use_rslora) scales by alpha/sqrt(r) so that larger ranks still learn
+        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.base_name = base_name
+        self.training = False
+        self.rng = np.random.default_rng(seed)  # dropout masks
+        shapes = target_shapes(cfg)
+        for t in self.targets:
+            out, inp = shapes[t]
+            if rank > min(out, inp):
+                raise ValueError(f"LoRA rank {rank} is larger than the {t} projection ([{out}, {inp}]) allows "
+                                 f"(at most {min(out, inp)})")
+        init = np.random.default_rng(seed)
+        rows = _row_offsets(cfg)
+        self.params: dict[str, np.ndarray] = {}
+        self.groups: list[dict[str, _Group]] = [{} for _ in range(cfg.n_layers)]
+        for i in self.layers:
+            for g in GROUPS:
+                ts = [t for t in self.targets if GROUP[t] == g]
+                if not ts:
+                    continue
+                inp = shapes[ts[0]][1]
+                A = np.empty((len(ts) * rank, inp), np.float32)  # [n*r, in], stacked A's of the group
+                parts = []
+                for j, t in enumerate(ts):
+                    out = shapes[t][0]
+                    name = f"layers.{i}.{META_NAME[t]}"
+                    a = A[j * rank:(j + 1) * rank]  # a view: updates to the parameter reach the stack
+                    if weights is None:
+                        bound = 1.0 / math.sqrt(inp)  # kaiming_uniform(a=sqrt(5)) on [r, in], as PEFT
+                        a[...] = init.uniform(-bound, bound, size=a.shape).astype(np.float32)
+                        b = np.zeros((out, rank), np.float32)  # [out, r]: zero, so training starts at the base
+                    else:
+                        a[...] = weights[name + ".lora_A"]
+                        b = np.ascontiguousarray(weights[name + ".lora_B"], dtype=np.float32)
+                    self.params[name + ".lora_A"] = a
+                    self.params[name + ".lora_B"] = b
+                    parts.append((rows[t], rows[t] + out, b))
+                self.groups[i][g] = _Group(A, parts)
+
+    # --- use in the model -------------------------------------------------------------------
+
+    def attach(self, model) -> "LoRA":
+        """Make `model.forward` add these adapters (checks that they fit the model)."""
+        check_fits(self, model.config)
+        model.adapter = self
+        return self
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(a.size) for a in self.params.values())
+
+    def apply(self, i: int, group: str, x, out, record=None) -> None:
+        """Add the adapters of layer i's `group` to the base output `out` [B,T,out_all] in place.
+
+        x [B,T,in] is the base projection's input. The recorder gets what the backward needs:
+        lora.<group>.x (the adapters' input, after dropout), .keep (the dropout scale) and .u (x @ A.T).
+        """
+        g = self.groups[i].get(group)
+        if g is None:
+            return
+        r = self.rank
+        xd, keep = x, None
+        if self.training and self.dropout > 0:
+            # inverted dropout: keep with probability 1-p and scale by 1/(1-p), as torch.nn.Dropout
+            keep = (self.rng.random(x.shape, dtype=np.float32) >= self.dropout).astype(np.float32)
+            keep *= np.float32(1.0 / (1.0 - self.dropout))
+            xd = x * keep
+        u = xd @ g.A.T  # [B,T,in] @ [in,n*r] -> [B,T,n*r]: every adapter of the group in one matmul
+        us = u * self.scale
+        for j, (lo, hi, B) in enumerate(g.parts):
+            out[..., lo:hi] += us[..., j * r:(j + 1) * r] @ B.T  # [B,T,r] @ [r,out] -> [B,T,out]
+        if record is not None:
+            record(f"lora.{group}.x", xd)
+            record(f"lora.{group}.u", u)
+            if keep is not None:
+                record(f"lora.{group}.keep", keep)
+
+    def backward(self, i: int, group: str, dy, act: dict, grads: dict):
+        """Gradients of layer i's `group` adapters from dy [B,T,out_all], the gradient of the fused output.
+
+        `act` holds the recordings of apply() (keys "lora.<group>.x" ...). Fills grads[name.lora_A/B] and
+        returns the adapters' contribution to the gradient of x [B,T,in] (None if the group has none).
+        """
+        g = self.groups[i].get(group)
+        if g is None:
+            return None
+        r, s = self.rank, np.float32(self.scale)
+        xd, u = act[f"lora.{group}.x"], act[f"lora.{group}.u"]
+        n_in = xd.shape[-1]
+        N = math.prod(xd.shape[:-1])
+        x2 = xd.reshape(N, n_in)  # [B,T,in] -> [N,in]
+        u2 = u.reshape(N, -1)  # [B,T,n*r] -> [N,n*r]
+        dy2 = dy.reshape(N, dy.shape[-1])  # [B,T,out_all] -> [N,out_all]
+        du = np.empty(u2.shape, np.float32)  # [N,n*r]
+        for j, (lo, hi, B) in enumerate(g.parts):
+            dyj = dy2[:, lo:hi]  # [N,out]
+            name = f"layers.{i}.{_name_of(self, group, j)}"
+            grads[name + ".lora_B"] = (dyj.T @ u2[:, j * r:(j + 1) * r]) * s  # [out,N] @ [N,r] -> [out,r]
+            np.matmul(dyj, B, out=du[:, j * r:(j + 1) * r])  # [N,out] @ [out,r] -> [N,r]
+        du *= s
+        dA = du.T @ x2  # [n*r,N] @ [N,in] -> [n*r,in]: every A of the group in one matmul
+        for j in range(len(g.parts)):
+            grads[f"layers.{i}.{_name_of(self, group, j)}.lora_A"] = dA[j * r:(j + 1) * r]
+        dx = (du @ g.A).reshape(xd.shape)  # [N,n*r] @ [n*r,in] -> [N,in] -> [B,T,in]
+        keep = act.get(f"lora.{group}.keep")
+        if keep is not None:
+            dx *= keep
+        return dx
+
+    def merge_into(self, model) -> None:
+        """Add s * B @ A to the model's weights in place (then the model needs no adapter) and detach."""
+        check_fits(self, model.config)
+        W = model.weights
+        for name in self.params:
+            if name.endswith(".lora_A"):
+                base = name[:-len(".lora_A")]
+                A, B = self.params[name], self.params[base + ".lora_B"]
+                w = W[base + ".weight"]
+                w += (B @ A) * np.float32(self.scale)  # [out,r] @ [r,in] -> [out,in]; in place through fused views
+        if getattr(model, "adapter", None) is self:
+            model.adapter = None
+
+    # --- PEFT files -------------------------------------------------------------------------
+
+    def peft_config(self) -> dict:
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.rank, "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout, "target_modules": sorted(HF_MODULE[t].split(".")[1] for t in self.targets),
+            "bias": "none", "base_model_name_or_path": self.base_name, "fan_in_fan_out": False,
+            "inference_mode": True, "init_lora_weights": True, "use_rslora": self.use_rslora, "use_dora": False,
+            "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+            "layers_to_transform": None if len(self.layers) == self.config.n_layers else list(self.layers),
+            "revision": None,
+        }
+
+    def peft_tensors(self, tensors: dict | None = None) -> dict[str, np.ndarray]:
+        """The adapters (or `tensors` keyed like params, e.g. their gradients) under PEFT's key names,
+        q/k rows of lora_B in Hugging Face order."""
+        from ..formats.permute import meta_to_hf
+
+        cfg, out = self.config, {}
+        for name, a in (self.params if tensors is None else tensors).items():
+            i, t, ab = _split_name(name)
+            if ab == "B" and t in ("q", "k"):
+                a = meta_to_hf(a, cfg.n_heads if t == "q" else cfg.n_kv_heads, cfg.head_dim)
+            out[f"base_model.model.model.layers.{i}.{HF_MODULE[t]}.lora_{ab}.weight"] = np.ascontiguousarray(a)
+        return out
+
+    def save(self, out_dir) -> Path:
+        """Write adapter_config.json and adapter_model.safetensors into out_dir (atomic writes)."""
+        from safetensors.numpy import save
+
+        from .checkpoint import atomic_write, atomic_write_json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / WEIGHTS_NAME, save(self.peft_tensors(), metadata={"format": "pt"}))
+        atomic_write_json(out / CONFIG_NAME, self.peft_config())
+        return out
+
+
+def _name_of(lora: LoRA, group: str, j: int) -> str:
+    ts = [t for t in lora.targets if GROUP[t] == group]
+    return META_NAME[ts[j]]
+
+
+_META_TO_TARGET = {v: k for k, v in META_NAME.items()}
+
+
+def _split_name(name: str) -> tuple[int, str, str]:
+    """"layers.3.attention.wq.lora_B" -> (3, "q", "B")."""
+    parts = name.split(".")
+    return int(parts[1]), _META_TO_TARGET[".".join(parts[2:4])], parts[4][-1]
+
+
+def check_fits(lora: LoRA, cfg: ModelConfig) -> None:
+    """One-line error when the adapters were made for a different base (layer count or any shape)."""
+    _check_arch(cfg)
+    shapes = target_shapes(cfg)
+    for name, a in lora.params.items():
+        i, t, ab = _split_name(name)
+        out, inp = shapes[t]
+        want = (lora.rank, inp) if ab == "A" else (out, lora.rank)
+        if i >= cfg.n_layers or tuple(a.shape) != want:
+            where = f"layer {i} (the base has {cfg.n_layers})" if i >= cfg.n_layers else f"shape {list(a.shape)}, expected {list(want)}"
+            raise FormatError(f"the adapter does not match the base model: {name} has {where}")
+
+
+# --- loading PEFT adapters ------------------------------------------------------------------
+
+
+def _read_config(path: Path) -> dict:
+    from .checkpoint import read_json
+
+    c = read_json(path, "adapter config")
+    if not isinstance(c, dict):
+        raise FormatError(f"{path}: not a JSON object")
+    if c.get("peft_type", "LORA") != "LORA":
+        raise UnsupportedError(f"{path}: peft_type {c.get('peft_type')!r} is not supported (only LORA)")
+    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+        if c.get(key) == bad:
+            raise UnsupportedError(f"{path}: {key}={bad} is not supported")
+    if c.get("bias", "none") != "none":
+        raise UnsupportedError(f"{path}: bias={c.get('bias')!r} is not supported (only 'none')")
+    if c.get("rank_pattern") or c.get("alpha_pattern"):
+        raise UnsupportedError(f"{path}: per-layer rank_pattern/alpha_pattern are not supported")
+    if c.get("modules_to_save"):
+        raise UnsupportedError(f"{path}: modules_to_save ({c['modules_to_save']}) is not supported")
+    r = c.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise FormatError(f"{path}: bad rank r={r!r}")
+    alpha = c.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise FormatError(f"{path}: bad lora_alpha {alpha!r}")
+    return c
+
+
+def load_peft(adapter_dir, cfg: ModelConfig) -> LoRA:
+    """Read a PEFT LoRA adapter directory into a LoRA for base config `cfg`; names and shapes are checked."""
+    from ..formats.permute import hf_to_meta
+    from ..formats.safetensors_hf import read_safetensors
+
+    _check_arch(cfg)
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise ModelNotFoundError(f"{d}: no such adapter directory")
+    if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
+        raise ModelNotFoundError(f"{d}: not a PEFT adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    c = _read_config(d / CONFIG_NAME)
+    r = c["r"]
+    tensors = read_safetensors(d / WEIGHTS_NAME)
+    shapes = target_shapes(cfg)
+    weights, targets, layers = {}, set(), set()
+    for key, a in tensors.items():
+        m = _PEFT_KEY.fullmatch(key)
+        t = _HF_TO_TARGET.get(m.group(3)) if m else None
+        if t is None or HF_MODULE[t].split(".")[0] != m.group(2):
+            raise FormatError(f"{d / WEIGHTS_NAME}: {key!r} is not a LoRA weight of a Llama layer "
+                              f"(expected base_model.model.model.layers.N.<q|k|v|o|gate|up|down>_proj.lora_A|B.weight)")
+        i, ab = int(m.group(1)), m.group(4)
+        if i >= cfg.n_layers:
+            raise FormatError(f"the adapter does not match the base model: {key} is for layer {i}, "
+                              f"the base has {cfg.n_layers} layers")
+        out, inp = shapes[t]
+        want = (r, inp) if ab == "A" else (out, r)
+        if tuple(a.shape) != want:
+            raise FormatError(f"the adapter does not match the base model: {key} has shape {list(a.shape)}, "
+                              f"expected {list(want)} (r={r})")
+        if ab == "B" and t in ("q", "k"):
+            a = hf_to_meta(a, cfg.n_heads if t == "q" else cfg.n_kv_heads, cfg.head_dim)
+        weights[f"layers.{i}.{META_NAME[t]}.lora_{ab}"] = a
+        targets.add(t)
+        layers.add(i)
+    if not weights:
+        raise FormatError(f"{d / WEIGHTS_NAME}: holds no LoRA weights")
+    # every (layer, target) pair must be complete: both A and B, for each adapted layer
+    for i in layers:
+        for t in targets:
+            for ab in "AB":
+                if f"layers.{i}.{META_NAME[t]}.lora_{ab}" not in weights:
+                    raise FormatError(f"{d / WEIGHTS_NAME}: missing the lora_{ab} weight of "
+                                      f"layers.{i}.{HF_MODULE[t]} (adapters must cover the same projections in each layer)")
+    return LoRA(cfg, rank=r, alpha=float(c.get("lora_alpha", r)), dropout=float(c.get("lora_dropout") or 0.0),
+                targets=tuple(targets), layers=sorted(layers), use_rslora=bool(c.get("use_rslora", False)),
+                weights=weights, base_name=c.get("base_model_name_or_path"))
+
+
+def load_adapter(model, adapter_dir) -> LoRA:
+    """Load a PEFT adapter directory and attach it to `model` (scratchlm.load(..., adapter=DIR))."""
+    lora = load_peft(adapter_dir, model.config)
+    return lora.attach(model)
+
+
+def adapter_summary(lora: LoRA) -> str:
+    return (f"LoRA r={lora.rank} alpha={lora.alpha:g} targets={','.join(lora.targets)} on {len(lora.layers)} layers, "
+            f"{lora.n_params:,} parameters")
+
+
+def dump_config(lora: LoRA) -> str:
+    return json.dumps(lora.peft_config(), indent=1)

@@ -1,0 +1,425 @@
+"""The training loop: a small Llama or GPT-2 trained from scratch on a text file, on the CPU.
+
+    >>> from scratchlm.training.trainer import TrainArgs, Trainer     # doctest: +SKIP
+    >>> Trainer.new(TrainArgs(data=["corpus.txt"], out="runs/tiny", steps=500)).train()
+    >>> Trainer.resume("runs/tiny", steps=1000).train()                # continue to 1000 steps in all
+
+Each step: `accum` micro-batches through `model.loss_and_grads` (our own backward pass), gradient
+clipping by global norm, one AdamW update with the scheduled learning rate. Around it: a count-based
+bigram baseline printed at the start, periodic train/validation loss on fixed batches, text
+samples, a JSONL log, a PNG of the loss curves and crash-safe checkpoints (checkpoint.py).
+
+Determinism: the weights are a function of (seed, data, arguments) only. The data sampler's RNG
+is checkpointed; evaluation and samples use their own generators, so they never shift the training
+batches; a resumed run therefore reaches exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import ops
+from ..config import ModelConfig, expected_shapes
+from ..errors import FormatError, TokenizerError, UnsupportedError
+from ..model import Model
+from . import checkpoint as ck
+from .data import BatchSampler, TokenData, bigram_loss, eval_batches, read_corpus, unigram_loss, write_tokens
+from .optim import AdamW, clip_grad_norm, global_norm, lr_at
+
+
+@dataclass
+class TrainArgs:
+    """Everything that defines a run (saved in config.json under "train")."""
+
+    data: list = field(default_factory=list)  # corpus file(s)
+    out: str = ""
+    tokenizer: str = "char"  # "char", "bpe:N" or a tokenizer/model path
+    arch: str = "llama"  # "llama" or "gpt2"
+    layers: int = 4
+    dim: int = 128
+    heads: int = 4
+    kv_heads: int = 0  # 0: same as heads (no grouped-query attention)
+    ffn_dim: int = 0  # 0: 8D/3 rounded up to a multiple of 32 (llama), 4D (gpt2)
+    tie_embeddings: bool = True
+    context: int = 128
+    batch: int = 16
+    accum: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    steps: int = 1000  # total optimizer steps
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup: int = -1  # -1: min(100, steps // 10)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    sample_every: int = 0  # 0: with every evaluation
+    sample_tokens: int = 80
+    seed: int = 0
+    val_fraction: float = 0.1
+    plot: bool = True
+
+    def validate(self) -> None:
+        ints = ("layers", "dim", "heads", "context", "batch", "accum", "steps", "eval_every", "eval_batches",
+                "save_every", "sample_tokens")
+        for n in ints:
+            v = getattr(self, n)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > 1 << 24:
+                raise ValueError(f"--{n.replace('_', '-')} must be a positive integer, got {v!r}")
+        for n in ("kv_heads", "ffn_dim", "sample_every"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or v < 0 or v > 1 << 24:
+                raise ValueError(f"--{n.replace('_', '-')} must be a non-negative integer, got {v!r}")
+        if self.arch not in ("llama", "gpt2"):
+            raise UnsupportedError(f"--arch must be llama or gpt2, got {self.arch!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"--dim ({self.dim}) must be a multiple of --heads ({self.heads})")
+        if (self.dim // self.heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.heads} (--dim / --heads) must be even for RoPE")
+        if self.kv_heads and self.heads % self.kv_heads:
+            raise ValueError(f"--heads ({self.heads}) must be a multiple of --kv-heads ({self.kv_heads})")
+        if self.arch == "gpt2" and self.kv_heads not in (0, self.heads):
+            raise UnsupportedError("GPT-2 has no grouped-query attention: leave --kv-heads out")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("betas must be in [0, 1)")
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup >= 0 else min(100, self.steps // 10)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        D = self.dim
+        F = self.ffn_dim or ((8 * D // 3 + 31) // 32 * 32 if self.arch == "llama" else 4 * D)
+        return ModelConfig(arch=self.arch, dim=D, n_layers=self.layers, n_heads=self.heads,
+                           n_kv_heads=self.kv_heads or self.heads, vocab_size=int(vocab_size), ffn_dim=F,
+                           max_seq_len=self.context, tie_embeddings=self.tie_embeddings,
+                           norm_eps=1e-5, rope_theta=10000.0)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def init_weights(cfg: ModelConfig, seed: int) -> dict:
+    """GPT-2-style initialisation: N(0, 0.02) matrices, the projections that write into the residual
+    stream (wo, w2) scaled by 1/sqrt(2L) so the stream's variance does not grow with depth,
+    norms at 1, biases at 0."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layers)
+    w = {}
+    for name, shape in expected_shapes(cfg).items():  # a fixed order: the same seed gives the same model
+        if name.endswith(".bias"):
+            w[name] = np.zeros(shape, np.float32)
+        elif "norm" in name:
+            w[name] = np.ones(shape, np.float32)
+        else:
+            s = out_std if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else std
+            w[name] = (rng.standard_normal(shape, dtype=np.float32) * np.float32(s))
+    return w
+
+
+def build_tokenizer(spec: str, text: str):
+    """"char", "bpe:N" (trained on the corpus), or a path to a tokenizer file / model."""
+    from ..tokenizer.train import train_bpe, train_char_tokenizer
+
+    if spec == "char":
+        return train_char_tokenizer(text)
+    if spec.startswith("bpe:"):
+        n = spec[4:]
+        if not n.isdigit() or not 256 <= int(n) <= 1 << 20:
+            raise TokenizerError(f"--tokenizer bpe:N needs a vocabulary size N >= 256, got {spec!r}")
+        return train_bpe(text, int(n))
+    if os.path.exists(spec):
+        from ..tokenizer import load_tokenizer
+        return load_tokenizer(spec)
+    raise TokenizerError(f"unknown tokenizer {spec!r}: use char, bpe:N, or the path of a tokenizer or model")
+
+
+def eval_loss(model: Model, batches) -> float:
+    """Mean cross-entropy over a list of (inputs, targets) batches, forward only."""
+    total = 0.0
+    for x, y in batches:
+        logits = model.forward(x)  # [B,T,V]
+        total += float(ops.cross_entropy(logits, y))
+    return total / len(batches)
+
+
+def accumulate_grads(model: Model, batches) -> tuple[float, dict]:
+    """Mean loss and mean gradients over micro-batches [(inputs [B,T], targets [B,T]), ...]: the same
+    numbers as one batch of all of them together (every micro-batch has B*T targets)."""
+    loss, grads, n = 0.0, None, 0
+    for x, y in batches:
+        l, g = model.loss_and_grads(x, y)
+        loss, n = loss + l, n + 1
+        if grads is None:
+            grads = g  # fresh arrays from the backward: ours to accumulate into
+        else:
+            for name, v in g.items():
+                grads[name] += v
+    if n > 1:
+        for v in grads.values():
+            v *= np.float32(1.0 / n)
+    return loss / n, grads
+
+
+class Trainer:
+    """One training run: model, optimizer, data sampler, step counter and the run directory."""
+
+    def __init__(self, run_dir: Path, args: TrainArgs, model: Model, data: TokenData, *,
+                 progress: bool | None = None, verbose: bool = True):
+        self.run_dir, self.args, self.model, self.data = Path(run_dir), args, model, data
+        self.cfg = model.config
+        self.opt = AdamW(model.weights, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.weight_decay)
+        self.sampler = BatchSampler(data.train, args.batch, args.context, args.seed)
+        self.step = 0
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.verbose = verbose
+        self._eval_sets = None
+        self._log = None
+        self._lock = ck.lock_run(self.run_dir)  # one trainer per run directory
+        self.history: list[dict] = []  # every log record of this run (read back on resume)
+
+    # --- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def new(cls, args: TrainArgs, **kw) -> "Trainer":
+        """Start a run: encode the corpus, build the tokenizer and a freshly initialised model."""
+        args.validate()
+        out = ck.check_writable(args.out)
+        if ck.is_run_dir(out) or (out / "latest").exists():
+            raise FormatError(f"{out}: already holds a training run; use --resume {out} or another --out")
+        text, sources = read_corpus(args.data)
+        tok = build_tokenizer(args.tokenizer, text)
+        ids = tok.encode(text)
+        data = write_tokens(ids, out, vocab_size=tok.vocab_size, tokenizer_name=args.tokenizer,
+                            sources=sources, val_fraction=args.val_fraction)
+        data.check_context(args.context)
+        cfg = args.model_config(tok.vocab_size)
+        train_args = dataclasses.asdict(args)
+        train_args["data"] = [str(p) for p in args.data]
+        train_args["out"] = str(args.out)
+        ck.init_run(out, cfg, train_args, tok)
+        model = Model(cfg, init_weights(cfg, args.seed), tok, info={"source": str(out), "format": "run"})
+        t = cls(out, args, model, data, **kw)
+        (out / ck.LOG_NAME).write_bytes(b"")
+        return t
+
+    @classmethod
+    def resume(cls, run_dir, steps: int | None = None, **kw) -> "Trainer":
+        """Continue a run from its latest checkpoint (from step 0 if it has none yet). `steps` is the new
+        total; the cosine schedule is stretched to it (pass the original total for an exact continuation)."""
+        run_dir = Path(run_dir)
+        if not ck.is_run_dir(run_dir):
+            raise FormatError(f"{run_dir}: not a training run directory (no {ck.RUN_MARKER})")
+        ck.check_writable(run_dir)
+        cfg, train = ck.read_run_config(run_dir)
+        args = TrainArgs.from_dict(train)
+        if steps is not None:
+            args.steps = steps
+        args.validate()
+        tok = ck.load_run_tokenizer(run_dir)
+        data = TokenData(run_dir)
+        data.check_context(args.context)
+        ckpt = ck.latest_checkpoint(run_dir)
+        if ckpt is None:
+            model = Model(cfg, init_weights(cfg, args.seed), tok, info={"source": str(run_dir), "format": "run"})
+            t = cls(run_dir, args, model, data, **kw)
+            (run_dir / ck.LOG_NAME).write_bytes(b"")
+            return t
+        weights, opt_tensors, state = ck.load_checkpoint_files(ckpt, cfg)
+        model = Model(cfg, weights, tok, info={"source": str(run_dir), "format": "run"})
+        t = cls(run_dir, args, model, data, **kw)
+        t.opt.load_state(opt_tensors, state.get("optimizer") or {}, str(ckpt))
+        t.sampler.set_state(state.get("sampler"))
+        t.step = state["step"]
+        # the log continues from what the checkpoint had seen: drop records of steps after it
+        log = run_dir / ck.LOG_NAME
+        n = int(state.get("log_bytes", 0))
+        with open(log, "ab") as f:
+            f.truncate(min(n, f.seek(0, os.SEEK_END)))
+        t.history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        return t
+
+    # --- pieces of the loop -------------------------------------------------------------------
+
+    def say(self, msg: str) -> None:
+        if self.verbose:
+            from tqdm import tqdm
+            tqdm.write(msg, file=sys.stdout)
+
+    def log(self, rec: dict) -> None:
+        self.history.append(rec)
+        if self._log is None:
+            self._log = open(self.run_dir / ck.LOG_NAME, "a", encoding="utf-8")
+        self._log.write(json.dumps(rec) + "\n")
+        self._log.flush()  # `tail -f log.jsonl` follows the run; durability comes with each checkpoint's fsync
+
+    def lr(self, step: int) -> float:
+        a = self.args
+        return lr_at(step, a.lr, a.warmup_steps, a.steps, a.lr * a.min_lr_ratio)
+
+    def train_step(self) -> dict:
+        """One optimizer step over `accum` micro-batches; returns loss, lr and grad norm."""
+        a = self.args
+        lr = self.lr(self.step)
+        loss, grads = accumulate_grads(self.model, (self.sampler.next() for _ in range(a.accum)))
+        norm = clip_grad_norm(grads, a.grad_clip) if a.grad_clip > 0 else global_norm(grads)
+        self.opt.step(grads, lr)
+        self.step += 1
+        return {"loss": loss, "lr": lr, "grad_norm": norm}
+
+    def evaluate(self) -> dict:
+        a = self.args
+        if self._eval_sets is None:  # fixed batches: the same text at every evaluation
+            n, B, T = a.eval_batches, a.batch, a.context
+            self._eval_sets = {"train": eval_batches(self.data.train, n, B, T, a.seed + 1),
+                               "val": eval_batches(self.data.val, n, B, T, a.seed + 2)}
+        return {f"{k}_loss": eval_loss(self.model, v) for k, v in self._eval_sets.items()}
+
+    def sample(self) -> str:
+        """A short continuation of the start of the validation text (its own seeded sampler)."""
+        a = self.args
+        n = max(1, min(16, a.context // 4))
+        prompt = [int(i) for i in self.data.val[:n]]
+        max_tokens = max(1, min(a.sample_tokens, a.context - n - 1))
+        tok = self.model.tokenizer
+        text = self.model.generate(prompt, max_tokens=max_tokens, temperature=0.8, top_k=0, top_p=1.0,
+                                   min_p=0.0, seed=a.seed + self.step)
+        return tok.decode(prompt) + text
+
+    def baselines(self) -> dict:
+        V = self.cfg.vocab_size
+        return {"uniform_loss": math.log(V), "unigram_loss": unigram_loss(self.data.train, self.data.val, V),
+                "bigram_loss": bigram_loss(self.data.train, self.data.val, V)}
+
+    def save(self) -> Path:
+        if self._log is not None:
+            self._log.flush()
+            os.fsync(self._log.fileno())
+        log_bytes = (self.run_dir / ck.LOG_NAME).stat().st_size
+        state = {"sampler": self.sampler.state(), "log_bytes": log_bytes,
+                 "tokens_seen": self.step * self.args.batch * self.args.context * self.args.accum}
+        return ck.save_checkpoint(self.run_dir, self.step, self.model.weights, self.opt, state)
+
+    def plot(self) -> Path | None:
+        """loss.png: the training loss of every step (and its moving average) and the evaluations."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        steps = [r["step"] for r in self.history if "loss" in r]
+        losses = [r["loss"] for r in self.history if "loss" in r]
+        evals = [r for r in self.history if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        if losses:
+            ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="train (batch)")
+            k = max(1, len(losses) // 50)
+            if k > 1:
+                smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+                ax.plot(steps[k - 1:], smooth, color="tab:blue", lw=1.5, label=f"train (mean of {k})")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", color="tab:green", ms=3, label="train (eval)")
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=3, label="validation")
+        base = next((r for r in self.history if "bigram_loss" in r), None)
+        if base:
+            ax.axhline(base["bigram_loss"], color="gray", ls="--", lw=1, label="bigram baseline (val)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title(f"{self.run_dir.name}: {self.cfg.arch}, {self.cfg.n_params / 1e6:.2f}M params")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        path = self.run_dir / "loss.png"
+        ck.atomic_write(path, buf.getvalue())
+        return path
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Train up to args.steps; returns the last evaluation (train_loss, val_loss) and baselines."""
+        from tqdm import tqdm
+
+        a = self.args
+        tokens_per_step = a.batch * a.context * a.accum
+        result = {}
+        if self.step == 0:
+            base = self.baselines()
+            result.update(base)
+            self.log(dict(step=0, **base))
+            self.say(f"{self.cfg.arch} {self.cfg.n_params / 1e6:.2f}M params, vocab {self.cfg.vocab_size}, "
+                     f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
+            self.say(f"baselines (val loss): uniform {base['uniform_loss']:.3f}  unigram {base['unigram_loss']:.3f}  "
+                     f"bigram {base['bigram_loss']:.3f}")
+            ev = self.evaluate()
+            self.log(dict(step=0, **ev))
+            self.say(f"step 0: train {ev['train_loss']:.4f}  val {ev['val_loss']:.4f}")
+        else:
+            base = next((r for r in self.history if "bigram_loss" in r), None)
+            if base:
+                result.update({k: v for k, v in base.items() if k != "step"})
+            last = next((r for r in reversed(self.history) if "val_loss" in r), None)
+            if last:
+                result.update(train_loss=last["train_loss"], val_loss=last["val_loss"])
+            self.say(f"resuming {self.run_dir} at step {self.step} of {a.steps}")
+        bar = tqdm(total=a.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
+        t_last, n_last = time.perf_counter(), 0
+        try:
+            while self.step < a.steps:
+                r = self.train_step()
+                now = time.perf_counter()
+                n_last += 1
+                tok_s = n_last * tokens_per_step / max(now - t_last, 1e-9)
+                if n_last >= 10 or now - t_last > 2.0:  # a smoothed rate, not a per-step jitter
+                    t_last, n_last = now, 0
+                self.log({"step": self.step, "loss": round(r["loss"], 6), "lr": r["lr"],
+                          "grad_norm": round(r["grad_norm"], 6), "tok_s": round(tok_s, 1)})
+                bar.update(1)
+                bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if not math.isfinite(r["loss"]):
+                    raise ValueError(f"the loss became {r['loss']} at step {self.step}; lower --lr")
+                if self.step % a.eval_every == 0 or self.step == a.steps:
+                    ev = self.evaluate()
+                    result.update(ev)
+                    self.log(dict(step=self.step, **ev))
+                    self.say(f"step {self.step}: train {ev['train_loss']:.4f}  val {ev['val_loss']:.4f}")
+                if self.step % (a.sample_every or a.eval_every) == 0 or self.step == a.steps:
+                    s = self.sample()
+                    self.log({"step": self.step, "sample": s})
+                    self.say(f"--- sample at step {self.step} ---\n{s}\n---")
+                if self.step % a.save_every == 0 or self.step == a.steps:
+                    self.save()
+                if a.plot and self.step % a.eval_every == 0 and self.step < a.steps:
+                    self.plot()  # the curves so far (rendering takes ~0.1 s: only with evaluations)
+        finally:
+            bar.close()
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+        if a.plot:
+            self.plot()
+        self._lock.close()  # releases the run for a later --resume
+        result["step"] = self.step
+        return result
