@@ -24,8 +24,10 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	echo "What is the capital of France?" | $(VENV)/bin/scratchlm chat --temperature 0 -n 64
 
+# Two test workers, one BLAS/OpenMP thread each: two workers with two threads apiece on two cores
+# make every matmul wait for a descheduled thread (measured: 10x slower and more).
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -n 2 -q -p no:cacheprovider
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 -q -p no:cacheprovider
 
 bench: $(VENV)/.test-installed
 	$(VENV)/bin/scratchlm bench
