@@ -18,9 +18,11 @@ version = __version__
 __all__ = ["load", "load_tokenizer", "Model", "ModelConfig", "version", "__version__"]
 
 
-def load(path=None, *, progress: bool | None = None) -> Model:
+def load(path=None, *, adapter=None, progress: bool | None = None) -> Model:
     """Load a model: a .gguf file, a Hugging Face directory or a Meta directory (None = the default model).
 
+    `adapter`: a LoRA adapter directory in Hugging Face PEFT format (ours from `scratchlm finetune`, or
+    one trained elsewhere with PEFT) to attach; its names and shapes must match the model.
     `progress` shows a progress bar on stderr while the weights load (default: when stderr is a terminal).
     """
     from . import assets
@@ -31,7 +33,11 @@ def load(path=None, *, progress: bool | None = None) -> Model:
     if progress is None:
         progress = sys.stderr.isatty()
     cfg, weights, tokenizer, info = load_checkpoint(path, progress=progress)
-    return Model(cfg, weights, tokenizer, info=info)
+    model = Model(cfg, weights, tokenizer, info=info)
+    if adapter is not None:
+        from .training.lora import load_adapter
+        load_adapter(model, adapter)
+    return model
 
 
 def load_tokenizer(path):

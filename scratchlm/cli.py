@@ -65,11 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt (raw text completion)")
     _add_model(p)
+    _add_adapter(p)
     p.add_argument("prompt", help="the text to continue ('' starts from BOS)")
     _add_sampling(p, 128)
 
     p = sub.add_parser("chat", help="talk to the model with its chat template (interactive; or one turn per stdin line)")
     _add_model(p)
+    _add_adapter(p)
     p.add_argument("--system", default=None, help="a system prompt")
     _add_sampling(p, 512)
 
@@ -127,12 +129,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write DIR/report.html: attention heatmaps, RoPE angles, logit lens, KV-cache timing")
     p.add_argument("--max-tokens", type=_positive_int, default=64,
                    help="refuse longer prompts (attention maps grow with its square; default 64)")
+
+    p = sub.add_parser("finetune", help="fine-tune a model with LoRA on chat data (JSONL); writes a PEFT adapter")
+    _add_model(p)
+    p.add_argument("--data", default=None, metavar="FILE.jsonl",
+                   help='one conversation per line: {"messages": [...]} or {"prompt": ..., "response": ...}')
+    p.add_argument("--out", default=None, metavar="DIR", help="the run directory (holds the adapter)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
+    p.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input (default 0.05)")
+    p.add_argument("--targets", default="q,k,v,o,gate,up,down", help="projections to adapt (default all seven)")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the data (default 3)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs; with --resume: the new total)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="rows per step (default 4)")
+    p.add_argument("--context", type=_positive_int, default=256, help="tokens per row (default 256)")
+    p.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the final line")
+
+    p = sub.add_parser("merge", help="add a LoRA adapter into its base model's weights and write the merged model")
+    _add_model(p)
+    p.add_argument("--adapter", required=True, metavar="DIR", help="a LoRA adapter directory (PEFT format)")
+    p.add_argument("--format", choices=("gguf", "hf"), required=True, help="gguf: one .gguf file; hf: a directory")
+    p.add_argument("-o", "--out", required=True, help="the .gguf file or the directory to write")
+    p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight precision (default f32)")
     return ap
+
+
+def _add_adapter(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter directory (PEFT format) to apply")
 
 
 def _load(a):
     import scratchlm
-    return scratchlm.load(a.model)
+    return scratchlm.load(a.model, adapter=getattr(a, "adapter", None))
 
 
 def _stream(stream) -> None:
@@ -300,8 +333,38 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_finetune(a) -> int:
+    from .training.finetune import FinetuneArgs, Finetuner
+
+    progress = False if a.no_progress else None
+    if a.resume:
+        if a.data or a.out:
+            raise ValueError("--resume DIR continues a run with its own data and output; drop --data/--out")
+        t = Finetuner.resume(a.resume, a.steps, progress=progress, verbose=not a.quiet)
+    else:
+        if not a.data or not a.out:
+            raise ValueError("finetune needs --data FILE.jsonl and --out DIR (or --resume DIR)")
+        args = FinetuneArgs(data=a.data, out=a.out, base=a.model, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
+                            targets=a.targets, epochs=a.epochs, steps=a.steps or 0, lr=a.lr, batch=a.batch,
+                            context=a.context, seed=a.seed, save_every=a.save_every)
+        t = Finetuner.new(args, progress=progress, verbose=not a.quiet)
+    r = t.train()
+    print(f"step {r['step']}: loss {r['loss'] if r['loss'] is not None else float('nan'):.4f}; adapter in {r['out']}")
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from .formats.export import export_gguf, export_hf
+
+    model = _load(a)
+    model.adapter.merge_into(model)
+    out = export_gguf(model, a.out, a.dtype) if a.format == "gguf" else export_hf(model, a.out, a.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "tokenize": cmd_tokenize, "bench": cmd_bench, "train": cmd_train,
-            "explain": cmd_explain, "export": cmd_export}
+            "explain": cmd_explain, "export": cmd_export, "finetune": cmd_finetune, "merge": cmd_merge}
 
 
 def main(argv=None) -> int:

@@ -55,6 +55,7 @@ class Model:
         self.info = dict(info or {})
         self.weights = dict(weights)
         self.xp = array_namespace(self.weights["tok_embeddings.weight"])
+        self.adapter = None  # LoRA adapters (training/lora.py) the forward adds to its projections, or None
         self._inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._build_layers()
 
@@ -117,15 +118,18 @@ class Model:
         return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, self.weights["tok_embeddings.weight"])
 
     def forward(self, ids, cache: KVCache | None = None, start_pos: int = 0, last_only: bool = False,
-                recorder=None):
+                recorder=None, head: bool = True):
         """Logits for token ids [B, T] at positions start_pos..start_pos+T-1.
 
         With a cache, keys/values of earlier positions come from it and the new ones are written
         to it. `last_only` computes the output head for the last position only (decoding needs no more).
+        `head=False` stops before the output head and returns the final normed states [B, T, D] (a
+        masked loss applies the head to the positions it scores only: training/backward.py).
         `recorder(name, array)`, when given, receives every named intermediate (see RECORDED); it is
         how `scratchlm explain` observes this very forward. Returns [B, T, V] (or [B, 1, V]).
         """
         rec = recorder  # one None check per recording point when off
+        ad = self.adapter  # LoRA: adds s * (x @ A.T) @ B.T into each adapted projection's output
         xp, cfg = self.xp, self.config
         ids = xp.asarray(ids)
         B, T = ids.shape
@@ -162,6 +166,8 @@ class Model:
             # --- attention block ---
             h = self._norm(x, L.attn_norm_w, L.attn_norm_b)  # [B,T,D]
             qkv = h @ L.wqkv.T  # [B,T,D] @ [D,(H+2K)*Hd] -> [B,T,(H+2K)*Hd]
+            if ad is not None:
+                ad.apply(i, "qkv", h, qkv, r)
             if gpt2:
                 qkv = qkv + L.bqkv
             qkv = xp.reshape(qkv, (B, T, H + 2 * K, Hd))  # [B,T,H+2K,Hd]
@@ -185,7 +191,10 @@ class Model:
             if r is not None:
                 r("heads", a)  # per-head outputs [B,H,T,Hd]
             a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (B, T, H * Hd))  # [B,H,T,Hd] -> [B,T,H*Hd]
+            a_in = a
             a = a @ L.wo.T  # [B,T,H*Hd] @ [H*Hd,D] -> [B,T,D]
+            if ad is not None:
+                ad.apply(i, "o", a_in, a, r)
             if gpt2:
                 a = a + L.bo
             x = x + a  # residual
@@ -201,9 +210,13 @@ class Model:
                 f = act @ L.w2.T + L.b2  # [B,T,F] @ [F,D] -> [B,T,D]
             else:
                 gu = h @ L.w13.T  # [B,T,D] @ [D,2F] -> [B,T,2F]
+                if ad is not None:
+                    ad.apply(i, "w13", h, gu, r)
                 gate, up = gu[..., :F], gu[..., F:]  # [B,T,F] each
                 act = ops.swiglu(gate, up)
                 f = act @ L.w2.T  # [B,T,F] @ [F,D] -> [B,T,D]
+                if ad is not None:
+                    ad.apply(i, "down", act, f, r)
             x = x + f  # residual
             if r is not None:
                 r("ffn_norm", h)
@@ -217,6 +230,10 @@ class Model:
         if last_only:
             x = x[:, -1:]  # [B,1,D]
         x = self._norm(x, self.weights["norm.weight"], self.weights.get("norm.bias"))
+        if not head:
+            if rec is not None:
+                rec("norm", x)
+            return x
         logits = x @ self.output_weight.T  # [B,T,D] @ [D,V] -> [B,T,V]
         if rec is not None:
             rec("norm", x)
@@ -238,11 +255,12 @@ class Model:
 
     # --- training (see training/backward.py) --------------------------------------------------
 
-    def loss_and_grads(self, input_ids, target_ids):
+    def loss_and_grads(self, input_ids, target_ids, loss_mask=None, wrt: str = "all"):
         """Mean cross-entropy of target_ids [B, T] given input_ids [B, T], and its gradient for every
-        weight: (loss: float, grads keyed and shaped like `self.weights`). See training/backward.py."""
+        weight: (loss: float, grads keyed and shaped like `self.weights`). See training/backward.py
+        (loss_mask: only some targets count; wrt="adapters": gradients of the LoRA adapters only)."""
         from .training.backward import loss_and_grads
-        return loss_and_grads(self, input_ids, target_ids)
+        return loss_and_grads(self, input_ids, target_ids, loss_mask=loss_mask, wrt=wrt)
 
     # --- generation (see generate.py and chat.py) --------------------------------------------
 

@@ -334,14 +334,15 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
-def linear_backward(dy, x, w, bias: bool = False):
+def linear_backward(dy, x, w, bias: bool = False, weight_grad: bool = True):
     """Gradients of linear from dy [..., out] and the forward's input x [..., in]: (dx, dw, db), db None
-    without a bias. dw is one [out, N] @ [N, in] matmul over all B*T rows at once."""
+    without a bias. dw is one [out, N] @ [N, in] matmul over all B*T rows at once; with
+    weight_grad=False (a frozen weight, as under LoRA) dw is None and that matmul is skipped."""
     xp = array_namespace(x)
     n_out, n_in = w.shape
     dy2 = xp.reshape(dy, (-1, n_out))  # [...,out] -> [N,out]
     x2 = xp.reshape(x, (-1, n_in))  # [...,in] -> [N,in]
     dx = xp.reshape(dy2 @ w, (*dy.shape[:-1], n_in))  # [N,out] @ [out,in] -> [N,in] -> [..., in]: one big matmul
-    dw = xp.permute_dims(dy2, (1, 0)) @ x2  # [out,N] @ [N,in] -> [out,in]
+    dw = xp.permute_dims(dy2, (1, 0)) @ x2 if weight_grad else None  # [out,N] @ [N,in] -> [out,in]
     db = xp.sum(dy2, axis=0) if bias else None  # [N,out] -> [out]
     return dx, dw, db

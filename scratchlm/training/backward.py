@@ -78,8 +78,7 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
         mask = xp.astype(mask, xp.float32)
         if bool(xp.any((mask != 0) & (mask != 1))):
             raise PromptError("loss_mask must hold only 0 and 1")
-        n_on = float(xp.sum(mask))
-        if n_on == 0:
+        if not bool(xp.any(mask)):
             raise PromptError("loss_mask selects no target: nothing to learn from")
     act = {}
 
@@ -87,19 +86,32 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
         if name in keep:
             act[name] = a
 
-    logits = model.forward(ids, recorder=recorder)  # [B,T,V]
-    logp = ops.log_softmax(logits)  # [B,T,V], shared by the loss and its gradient
+    grads = {}
     if mask is None:
+        logits = model.forward(ids, recorder=recorder)  # [B,T,V]
+        logp = ops.log_softmax(logits)  # [B,T,V], shared by the loss and its gradient
         loss = float(ops.cross_entropy(logits, tgt, logp=logp))
         dlogits = ops.cross_entropy_backward(logits, tgt, logp=logp)  # [B,T,V]
-    else:  # mean over the selected targets only: the others get zero gradient
-        picked = xp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]  # [B,T,V] -> [B,T]
-        loss = -float(xp.sum(picked * mask)) / n_on
-        dlogits = ops.cross_entropy_backward(logits, tgt, dloss=B * T / n_on, logp=logp)  # [B,T,V]
-        dlogits *= mask[..., None]  # [B,T,V] * [B,T,1]
-    del logits, logp
-
-    grads = {}
+        del logits, logp
+        # --- output head ---
+        dxn, d_head, _ = ops.linear_backward(dlogits, act["norm"], model.output_weight, weight_grad=base)  # [B,T,D], [V,D]
+        del dlogits
+    else:
+        # the head only where the loss looks: unmasked targets add nothing to the loss or any gradient,
+        # so their [V]-wide logits (the largest matmul and softmax of the step) are never formed
+        xn = model.forward(ids, recorder=recorder, head=False)  # [B,T,D], final normed states
+        D = xn.shape[-1]
+        sel = xp.nonzero(xp.reshape(mask, (-1,)))[0]  # [M] flat positions whose target counts
+        xs = xp.take(xp.reshape(xn, (B * T, D)), sel, axis=0)  # [B*T,D] -> [M,D]
+        ts = xp.take(xp.reshape(tgt, (-1,)), sel, axis=0)  # [M]
+        logits = xs @ model.output_weight.T  # [M,D] @ [D,V] -> [M,V]
+        logp = ops.log_softmax(logits)  # [M,V]
+        loss = float(ops.cross_entropy(logits, ts, logp=logp))  # the mean over the M selected targets
+        dlogits = ops.cross_entropy_backward(logits, ts, logp=logp)  # [M,V]
+        del logits, logp
+        dxs, d_head, _ = ops.linear_backward(dlogits, xs, model.output_weight, weight_grad=base)  # [M,D], [V,D]
+        del dlogits
+        dxn = xp.reshape(ops.embedding_backward(dxs, sel, B * T), (B, T, D))  # rows back in place: [M,D] -> [B,T,D]
 
     def norm_backward(dy, x, prefix):
         """Backward of the norm whose weights are `prefix`.weight (and .bias for GPT-2): returns dx."""
@@ -121,9 +133,7 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
         extra = ad.backward(i, group, dy, la, grads)
         return dx if extra is None else dx + extra
 
-    # --- output head and final norm ---
-    dxn, d_head, _ = ops.linear_backward(dlogits, act["norm"], model.output_weight, weight_grad=base)  # [B,T,D], [V,D]
-    del dlogits
+    # --- final norm ---
     dx = norm_backward(dxn, act[f"layers.{cfg.n_layers - 1}.residual_ffn"], "norm")  # [B,T,D]: gradient of the residual stream
 
     cos, sin = act.get("rope.cos"), act.get("rope.sin")  # the forward's rotation angles, [T,Hd/2] each (Llama)

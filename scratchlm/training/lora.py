@@ -83,12 +83,14 @@ def _check_arch(cfg: ModelConfig) -> None:
 
 
 class _Group:
-    """The adapters of one fused projection of one layer: stacked A [n*r, in], and per target (lo, hi, B)."""
+    """The adapters of one fused projection of one layer: stacked A [n*r, in], and block-diagonal
+    B [out_all, n*r] (target j's B in rows lo:hi, columns j*r:(j+1)*r; zeros elsewhere), so the whole
+    group is two matmuls: (x @ A.T) @ B.T. parts: (lo, hi) of each target's output rows."""
 
-    __slots__ = ("A", "parts")
+    __slots__ = ("A", "B", "parts")
 
-    def __init__(self, A, parts):
-        self.A, self.parts = A, parts
+    def __init__(self, A, B, parts):
+        self.A, self.B, self.parts = A, B, parts
 
 
 class LoRA:
@@ -126,6 +128,8 @@ class LoRA:
                                  f"(at most {min(out, inp)})")
         init = np.random.default_rng(seed)
         rows = _row_offsets(cfg)
+        width = {"qkv": (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, "o": cfg.dim, "w13": 2 * cfg.ffn_dim,
+                 "down": cfg.dim}  # the fused output of each group
         self.params: dict[str, np.ndarray] = {}
         self.groups: list[dict[str, _Group]] = [{} for _ in range(cfg.n_layers)]
         for i in self.layers:
@@ -135,22 +139,24 @@ class LoRA:
                     continue
                 inp = shapes[ts[0]][1]
                 A = np.empty((len(ts) * rank, inp), np.float32)  # [n*r, in], stacked A's of the group
+                Bg = np.zeros((width[g], len(ts) * rank), np.float32)  # [out_all, n*r], block-diagonal
                 parts = []
                 for j, t in enumerate(ts):
                     out = shapes[t][0]
                     name = f"layers.{i}.{META_NAME[t]}"
                     a = A[j * rank:(j + 1) * rank]  # a view: updates to the parameter reach the stack
+                    b = Bg[rows[t]:rows[t] + out, j * rank:(j + 1) * rank]  # [out, r], a view of its block
                     if weights is None:
                         bound = 1.0 / math.sqrt(inp)  # kaiming_uniform(a=sqrt(5)) on [r, in], as PEFT
                         a[...] = init.uniform(-bound, bound, size=a.shape).astype(np.float32)
-                        b = np.zeros((out, rank), np.float32)  # [out, r]: zero, so training starts at the base
+                        # b stays zero, so training starts at exactly the base model
                     else:
                         a[...] = weights[name + ".lora_A"]
-                        b = np.ascontiguousarray(weights[name + ".lora_B"], dtype=np.float32)
+                        b[...] = weights[name + ".lora_B"]
                     self.params[name + ".lora_A"] = a
                     self.params[name + ".lora_B"] = b
-                    parts.append((rows[t], rows[t] + out, b))
-                self.groups[i][g] = _Group(A, parts)
+                    parts.append((rows[t], rows[t] + out))
+                self.groups[i][g] = _Group(A, Bg, parts)
 
     # --- use in the model -------------------------------------------------------------------
 
@@ -168,7 +174,7 @@ class LoRA:
         """Add the adapters of layer i's `group` to the base output `out` [B,T,out_all] in place.
 
         x [B,T,in] is the base projection's input. The recorder gets what the backward needs:
-        lora.<group>.x (the adapters' input, after dropout), .keep (the dropout scale) and .u (x @ A.T).
+        lora.<group>.x (the adapters' input, after dropout), .keep (the dropout mask) and .u (x @ A.T).
         """
         g = self.groups[i].get(group)
         if g is None:
@@ -176,14 +182,14 @@ class LoRA:
         r = self.rank
         xd, keep = x, None
         if self.training and self.dropout > 0:
-            # inverted dropout: keep with probability 1-p and scale by 1/(1-p), as torch.nn.Dropout
-            keep = (self.rng.random(x.shape, dtype=np.float32) >= self.dropout).astype(np.float32)
-            keep *= np.float32(1.0 / (1.0 - self.dropout))
-            xd = x * keep
+            # inverted dropout: keep with probability 1-p and scale by 1/(1-p), as torch.nn.Dropout. The
+            # mask compares raw random 32-bit words with p * 2^32 (twice as fast as random floats)
+            bits = np.frombuffer(self.rng.bytes(4 * x.size), np.uint32).reshape(x.shape)
+            keep = bits >= np.uint32(min(round(self.dropout * 2.0 ** 32), 2 ** 32 - 1))  # [B,T,in] bool
+            xd = x * np.float32(1.0 / (1.0 - self.dropout))
+            xd *= keep
         u = xd @ g.A.T  # [B,T,in] @ [in,n*r] -> [B,T,n*r]: every adapter of the group in one matmul
-        us = u * self.scale
-        for j, (lo, hi, B) in enumerate(g.parts):
-            out[..., lo:hi] += us[..., j * r:(j + 1) * r] @ B.T  # [B,T,r] @ [r,out] -> [B,T,out]
+        out += (u * self.scale) @ g.B.T  # [B,T,n*r] @ [n*r,out_all] -> [B,T,out_all], each B into its rows
         if record is not None:
             record(f"lora.{group}.x", xd)
             record(f"lora.{group}.u", u)
@@ -206,19 +212,18 @@ class LoRA:
         x2 = xd.reshape(N, n_in)  # [B,T,in] -> [N,in]
         u2 = u.reshape(N, -1)  # [B,T,n*r] -> [N,n*r]
         dy2 = dy.reshape(N, dy.shape[-1])  # [B,T,out_all] -> [N,out_all]
-        du = np.empty(u2.shape, np.float32)  # [N,n*r]
-        for j, (lo, hi, B) in enumerate(g.parts):
-            dyj = dy2[:, lo:hi]  # [N,out]
-            name = f"layers.{i}.{_name_of(self, group, j)}"
-            grads[name + ".lora_B"] = (dyj.T @ u2[:, j * r:(j + 1) * r]) * s  # [out,N] @ [N,r] -> [out,r]
-            np.matmul(dyj, B, out=du[:, j * r:(j + 1) * r])  # [N,out] @ [out,r] -> [N,r]
+        dB = dy2.T @ u2  # [out_all,N] @ [N,n*r] -> [out_all,n*r]; only the diagonal blocks are used
+        du = dy2 @ g.B  # [N,out_all] @ [out_all,n*r] -> [N,n*r]
         du *= s
         dA = du.T @ x2  # [n*r,N] @ [N,in] -> [n*r,in]: every A of the group in one matmul
-        for j in range(len(g.parts)):
-            grads[f"layers.{i}.{_name_of(self, group, j)}.lora_A"] = dA[j * r:(j + 1) * r]
+        for j, (lo, hi) in enumerate(g.parts):
+            name = f"layers.{i}.{_name_of(self, group, j)}"
+            grads[name + ".lora_B"] = dB[lo:hi, j * r:(j + 1) * r] * s  # [out,r]
+            grads[name + ".lora_A"] = dA[j * r:(j + 1) * r]  # [r,in]
         dx = (du @ g.A).reshape(xd.shape)  # [N,n*r] @ [n*r,in] -> [N,in] -> [B,T,in]
         keep = act.get(f"lora.{group}.keep")
-        if keep is not None:
+        if keep is not None:  # the dropout's gradient: the same mask and scale
+            dx *= np.float32(1.0 / (1.0 - self.dropout))
             dx *= keep
         return dx
 
