@@ -165,7 +165,7 @@ class Model:
             r = None if rec is None else (lambda name, a, _p=f"layers.{i}.": rec(_p + name, a))
             # --- attention block ---
             h = self._norm(x, L.attn_norm_w, L.attn_norm_b)  # [B,T,D]
-            qkv = h @ L.wqkv.T  # [B,T,D] @ [D,(H+2K)*Hd] -> [B,T,(H+2K)*Hd]
+            qkv = ops.linear(h, L.wqkv)  # [B,T,D] @ [D,(H+2K)*Hd] -> [B,T,(H+2K)*Hd]
             if ad is not None:
                 ad.apply(i, "qkv", h, qkv, r)
             if gpt2:
@@ -192,7 +192,7 @@ class Model:
                 r("heads", a)  # per-head outputs [B,H,T,Hd]
             a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (B, T, H * Hd))  # [B,H,T,Hd] -> [B,T,H*Hd]
             a_in = a
-            a = a @ L.wo.T  # [B,T,H*Hd] @ [H*Hd,D] -> [B,T,D]
+            a = ops.linear(a, L.wo)  # [B,T,H*Hd] @ [H*Hd,D] -> [B,T,D]
             if ad is not None:
                 ad.apply(i, "o", a_in, a, r)
             if gpt2:
@@ -205,16 +205,16 @@ class Model:
             # --- feed-forward block ---
             h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,T,D]
             if gpt2:
-                up = h @ L.w1.T + L.b1  # [B,T,D] @ [D,F] -> [B,T,F]
+                up = ops.linear(h, L.w1, L.b1)  # [B,T,D] @ [D,F] -> [B,T,F]
                 act = ops.gelu_tanh(up)
-                f = act @ L.w2.T + L.b2  # [B,T,F] @ [F,D] -> [B,T,D]
+                f = ops.linear(act, L.w2, L.b2)  # [B,T,F] @ [F,D] -> [B,T,D]
             else:
-                gu = h @ L.w13.T  # [B,T,D] @ [D,2F] -> [B,T,2F]
+                gu = ops.linear(h, L.w13)  # [B,T,D] @ [D,2F] -> [B,T,2F]
                 if ad is not None:
                     ad.apply(i, "w13", h, gu, r)
                 gate, up = gu[..., :F], gu[..., F:]  # [B,T,F] each
                 act = ops.swiglu(gate, up)
-                f = act @ L.w2.T  # [B,T,F] @ [F,D] -> [B,T,D]
+                f = ops.linear(act, L.w2)  # [B,T,F] @ [F,D] -> [B,T,D]
                 if ad is not None:
                     ad.apply(i, "down", act, f, r)
             x = x + f  # residual
@@ -234,7 +234,7 @@ class Model:
             if rec is not None:
                 rec("norm", x)
             return x
-        logits = x @ self.output_weight.T  # [B,T,D] @ [D,V] -> [B,T,V]
+        logits = ops.linear(x, self.output_weight)  # [B,T,D] @ [D,V] -> [B,T,V]
         if rec is not None:
             rec("norm", x)
             rec("logits", logits)

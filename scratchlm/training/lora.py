@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import ops
 from ..config import ModelConfig
 from ..errors import FormatError, ModelNotFoundError, UnsupportedError
 
@@ -188,8 +189,8 @@ class LoRA:
             keep = bits >= np.uint32(min(round(self.dropout * 2.0 ** 32), 2 ** 32 - 1))  # [B,T,in] bool
             xd = x * np.float32(1.0 / (1.0 - self.dropout))
             xd *= keep
-        u = xd @ g.A.T  # [B,T,in] @ [in,n*r] -> [B,T,n*r]: every adapter of the group in one matmul
-        out += (u * self.scale) @ g.B.T  # [B,T,n*r] @ [n*r,out_all] -> [B,T,out_all], each B into its rows
+        u = ops.linear(xd, g.A)  # [B,T,in] @ [in,n*r] -> [B,T,n*r]: every adapter of the group in one matmul
+        out += ops.linear(u * self.scale, g.B)  # [B,T,n*r] @ [n*r,out_all] -> [B,T,out_all], each B into its rows
         if record is not None:
             record(f"lora.{group}.x", xd)
             record(f"lora.{group}.u", u)
