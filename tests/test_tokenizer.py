@@ -17,7 +17,7 @@ import pytest
 import regex
 
 from scratchlm.errors import FormatError, ModelNotFoundError, TokenizerError, UnsupportedError
-from scratchlm.tokenizer import Tokenizer, bpe_merge, load_tokenizer, tokenizer_from_gguf_metadata
+from scratchlm.tokenizer import bpe_merge, load_tokenizer, tokenizer_from_gguf_metadata
 from scratchlm.tokenizer.pretokenize import (
     DIGIT_PATTERN,
     FAST_PATHS,

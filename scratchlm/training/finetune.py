@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from ..errors import FormatError, PromptError
 from . import checkpoint as ck
 from .lora import TARGETS, LoRA, adapter_summary, parse_targets
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
+from .trainer import RunLog
 
 MARKER = "scratchlm-finetune.json"
 MAX_DATA_BYTES = 1 << 30  # refuse absurd data files before reading
@@ -264,7 +264,7 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 1 << 30)  # keep up to 1 GiB of freed heap instead of trimming it
 
 
-class Finetuner:
+class Finetuner(RunLog):
     """One LoRA fine-tuning run: base model (frozen), adapters, AdamW on the adapters only, data rows."""
 
     def __init__(self, run_dir, args: FinetuneArgs, model, lora: LoRA, rows, masks, report, *,
@@ -346,25 +346,10 @@ class Finetuner:
         state = ck.read_json(ckpt / "state.json", "checkpoint state")
         t.opt.load_state(read_tensors(ckpt / "optimizer.safetensors"), state.get("optimizer") or {}, str(ckpt))
         t.step = int(state["step"])
-        log = run_dir / ck.LOG_NAME
-        with open(log, "ab") as f:  # forget log records of steps after the checkpoint
-            f.truncate(min(int(state.get("log_bytes", 0)), f.seek(0, os.SEEK_END)))
-        t.history = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        t.restore_log(state)
         return t
 
     # --- pieces -------------------------------------------------------------------------------
-
-    def say(self, msg: str) -> None:
-        if self.verbose:
-            from tqdm import tqdm
-            tqdm.write(msg, file=sys.stdout)
-
-    def log(self, rec: dict) -> None:
-        self.history.append(rec)
-        if self._log is None:
-            self._log = open(self.run_dir / ck.LOG_NAME, "a", encoding="utf-8")
-        self._log.write(json.dumps(rec) + "\n")
-        self._log.flush()
 
     def batch_rows(self, step: int) -> np.ndarray:
         """Row indices of optimizer step `step`: epoch e visits the rows in its own seeded order."""
@@ -397,17 +382,10 @@ class Finetuner:
         return {"loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(x.size), "learned": int(m.sum())}
 
     def save(self) -> Path:
-        if self._log is not None:
-            self._log.flush()
-            os.fsync(self._log.fileno())
-        state = {"log_bytes": (self.run_dir / ck.LOG_NAME).stat().st_size}
+        state = {"log_bytes": self.sync_log()}
         ckpt = ck.save_checkpoint(self.run_dir, self.step, self.lora.params, self.opt, state)
         self.lora.save(self.run_dir)  # the PEFT adapter, usable at once
         return ckpt
-
-    def plot(self):
-        from .trainer import Trainer
-        return Trainer.plot(self)  # the training loop's loss plot (reads history, run_dir, cfg)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -439,9 +417,7 @@ class Finetuner:
                     self.save()
         finally:
             bar.close()
-            if self._log is not None:
-                self._log.close()
-                self._log = None
+            self.close_log()
             self._lock.close()
         if a.plot:
             self.plot()

@@ -180,7 +180,6 @@ class LoRA:
         g = self.groups[i].get(group)
         if g is None:
             return
-        r = self.rank
         xd, keep = x, None
         if self.training and self.dropout > 0:
             # inverted dropout: keep with probability 1-p and scale by 1/(1-p), as torch.nn.Dropout. The

@@ -180,7 +180,81 @@ def accumulate_grads(model: Model, batches) -> tuple[float, dict]:
     return loss / n, grads
 
 
-class Trainer:
+class RunLog:
+    """What every run directory's loop shares (training here, LoRA in finetune.py): messages, the
+    JSONL log that a checkpoint records the length of, and the loss plot."""
+
+    def say(self, msg: str) -> None:
+        if self.verbose:
+            from tqdm import tqdm
+            tqdm.write(msg, file=sys.stdout)
+
+    def log(self, rec: dict) -> None:
+        self.history.append(rec)
+        if self._log is None:
+            self._log = open(self.run_dir / ck.LOG_NAME, "a", encoding="utf-8")
+        self._log.write(json.dumps(rec) + "\n")
+        self._log.flush()  # `tail -f log.jsonl` follows the run; durability comes with each checkpoint's fsync
+
+    def sync_log(self) -> int:
+        """Make the log durable before a checkpoint records its length; return that length in bytes."""
+        if self._log is not None:
+            self._log.flush()
+            os.fsync(self._log.fileno())
+        return (self.run_dir / ck.LOG_NAME).stat().st_size
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restore_log(self, state: dict) -> None:
+        """On resume, the log continues from what the checkpoint had seen: drop records of later steps."""
+        log = self.run_dir / ck.LOG_NAME
+        with open(log, "ab") as f:
+            f.truncate(min(int(state.get("log_bytes", 0)), f.seek(0, os.SEEK_END)))
+        self.history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+    def plot(self) -> Path | None:
+        """loss.png: the training loss of every step (and its moving average) and the evaluations."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        steps = [r["step"] for r in self.history if "loss" in r]
+        losses = [r["loss"] for r in self.history if "loss" in r]
+        evals = [r for r in self.history if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        if losses:
+            ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="train (batch)")
+            k = max(1, len(losses) // 50)
+            if k > 1:
+                smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+                ax.plot(steps[k - 1:], smooth, color="tab:blue", lw=1.5, label=f"train (mean of {k})")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", color="tab:green", ms=3, label="train (eval)")
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=3, label="validation")
+        base = next((r for r in self.history if "bigram_loss" in r), None)
+        if base:
+            ax.axhline(base["bigram_loss"], color="gray", ls="--", lw=1, label="bigram baseline (val)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.set_title(f"{self.run_dir.name}: {self.cfg.arch}, {self.cfg.n_params / 1e6:.2f}M params")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        path = self.run_dir / "loss.png"
+        ck.atomic_write(path, buf.getvalue())
+        return path
+
+    # --- the loop ------------------------------------------------------------------------------
+
+
+class Trainer(RunLog):
     """One training run: model, optimizer, data sampler, step counter and the run directory."""
 
     def __init__(self, run_dir: Path, args: TrainArgs, model: Model, data: TokenData, *,
@@ -250,27 +324,10 @@ class Trainer:
         t.opt.load_state(opt_tensors, state.get("optimizer") or {}, str(ckpt))
         t.sampler.set_state(state.get("sampler"))
         t.step = state["step"]
-        # the log continues from what the checkpoint had seen: drop records of steps after it
-        log = run_dir / ck.LOG_NAME
-        n = int(state.get("log_bytes", 0))
-        with open(log, "ab") as f:
-            f.truncate(min(n, f.seek(0, os.SEEK_END)))
-        t.history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        t.restore_log(state)
         return t
 
     # --- pieces of the loop -------------------------------------------------------------------
-
-    def say(self, msg: str) -> None:
-        if self.verbose:
-            from tqdm import tqdm
-            tqdm.write(msg, file=sys.stdout)
-
-    def log(self, rec: dict) -> None:
-        self.history.append(rec)
-        if self._log is None:
-            self._log = open(self.run_dir / ck.LOG_NAME, "a", encoding="utf-8")
-        self._log.write(json.dumps(rec) + "\n")
-        self._log.flush()  # `tail -f log.jsonl` follows the run; durability comes with each checkpoint's fsync
 
     def lr(self, step: int) -> float:
         a = self.args
@@ -311,51 +368,9 @@ class Trainer:
                 "bigram_loss": bigram_loss(self.data.train, self.data.val, V)}
 
     def save(self) -> Path:
-        if self._log is not None:
-            self._log.flush()
-            os.fsync(self._log.fileno())
-        log_bytes = (self.run_dir / ck.LOG_NAME).stat().st_size
-        state = {"sampler": self.sampler.state(), "log_bytes": log_bytes,
+        state = {"sampler": self.sampler.state(), "log_bytes": self.sync_log(),
                  "tokens_seen": self.step * self.args.batch * self.args.context * self.args.accum}
         return ck.save_checkpoint(self.run_dir, self.step, self.model.weights, self.opt, state)
-
-    def plot(self) -> Path | None:
-        """loss.png: the training loss of every step (and its moving average) and the evaluations."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return None
-        steps = [r["step"] for r in self.history if "loss" in r]
-        losses = [r["loss"] for r in self.history if "loss" in r]
-        evals = [r for r in self.history if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        if losses:
-            ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="train (batch)")
-            k = max(1, len(losses) // 50)
-            if k > 1:
-                smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-                ax.plot(steps[k - 1:], smooth, color="tab:blue", lw=1.5, label=f"train (mean of {k})")
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", color="tab:green", ms=3, label="train (eval)")
-            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=3, label="validation")
-        base = next((r for r in self.history if "bigram_loss" in r), None)
-        if base:
-            ax.axhline(base["bigram_loss"], color="gray", ls="--", lw=1, label="bigram baseline (val)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.set_title(f"{self.run_dir.name}: {self.cfg.arch}, {self.cfg.n_params / 1e6:.2f}M params")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        path = self.run_dir / "loss.png"
-        ck.atomic_write(path, buf.getvalue())
-        return path
-
-    # --- the loop ------------------------------------------------------------------------------
 
     def train(self) -> dict:
         """Train up to args.steps; returns the last evaluation (train_loss, val_loss) and baselines."""
@@ -415,9 +430,7 @@ class Trainer:
                     self.plot()  # the curves so far (rendering takes ~0.1 s: only with evaluations)
         finally:
             bar.close()
-            if self._log is not None:
-                self._log.close()
-                self._log = None
+            self.close_log()
         if a.plot:
             self.plot()
         self._lock.close()  # releases the run for a later --resume
