@@ -16,7 +16,7 @@ from scratchlm.errors import PromptError
 from scratchlm.model import Model
 
 transformers = pytest.importorskip("transformers")
-from tests.test_model import hf_to_meta_rows, tiny_gpt2, tiny_llama  # noqa: E402
+from tests.test_model import gpt2_to_canonical, llama_to_canonical, tiny_gpt2, tiny_llama  # noqa: E402
 
 TOL = 1e-4  # max abs diff / max abs reference, the issue's bar
 
@@ -44,45 +44,6 @@ def randomize(m, seed):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
-
-
-def llama_to_canonical(sd, cfg):
-    """HF Llama tensors (weights or their grads) -> Meta names, q/k rows in Meta's interleaved order."""
-    H, K, Hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["output.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.n_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        out[q + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        out[q + "attention.wq.weight"] = hf_to_meta_rows(sd[p + "self_attn.q_proj.weight"], H, Hd)
-        out[q + "attention.wk.weight"] = hf_to_meta_rows(sd[p + "self_attn.k_proj.weight"], K, Hd)
-        out[q + "attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
-        out[q + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
-        out[q + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
-        out[q + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
-        out[q + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
-    return out
-
-
-def gpt2_to_canonical(sd, cfg):
-    """HF GPT-2 tensors (weights or grads) -> canonical names; Conv1D stores [in, out], c_attn is q|k|v."""
-    D = cfg.dim
-    out = {"tok_embeddings.weight": sd["transformer.wte.weight"], "pos_embeddings.weight": sd["transformer.wpe.weight"],
-           "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"]}
-    for i in range(cfg.n_layers):
-        p, q = f"transformer.h.{i}.", f"layers.{i}."
-        for a, b in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
-            out[q + a + ".weight"], out[q + a + ".bias"] = sd[p + b + ".weight"], sd[p + b + ".bias"]
-        ca, cb = sd[p + "attn.c_attn.weight"].T, sd[p + "attn.c_attn.bias"]
-        for j, n in enumerate("qkv"):
-            out[q + f"attention.w{n}.weight"] = ca[j * D:(j + 1) * D]
-            out[q + f"attention.w{n}.bias"] = cb[j * D:(j + 1) * D]
-        out[q + "attention.wo.weight"], out[q + "attention.wo.bias"] = sd[p + "attn.c_proj.weight"].T, sd[p + "attn.c_proj.bias"]
-        out[q + "feed_forward.w1.weight"], out[q + "feed_forward.w1.bias"] = sd[p + "mlp.c_fc.weight"].T, sd[p + "mlp.c_fc.bias"]
-        out[q + "feed_forward.w2.weight"], out[q + "feed_forward.w2.bias"] = sd[p + "mlp.c_proj.weight"].T, sd[p + "mlp.c_proj.bias"]
-    return out
 
 
 CASES = {

@@ -26,6 +26,46 @@ def hf_to_meta_rows(w, n, hd):
     return out
 
 
+def llama_to_canonical(sd, cfg):
+    """HF Llama tensors (weights or their grads) -> Meta names, q/k rows in Meta's interleaved order."""
+    H, K, Hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        out[q + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        out[q + "attention.wq.weight"] = hf_to_meta_rows(sd[p + "self_attn.q_proj.weight"], H, Hd)
+        out[q + "attention.wk.weight"] = hf_to_meta_rows(sd[p + "self_attn.k_proj.weight"], K, Hd)
+        out[q + "attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
+        out[q + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[q + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
+        out[q + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
+        out[q + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+    return out
+
+
+def gpt2_to_canonical(sd, cfg):
+    """HF GPT-2 tensors (weights or grads) -> canonical names; Conv1D stores [in, out], c_attn is q|k|v."""
+    D = cfg.dim
+    out = {"tok_embeddings.weight": sd["transformer.wte.weight"], "pos_embeddings.weight": sd["transformer.wpe.weight"],
+           "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"]}
+    for i in range(cfg.n_layers):
+        p, q = f"transformer.h.{i}.", f"layers.{i}."
+        for a, b in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
+            out[q + a + ".weight"], out[q + a + ".bias"] = sd[p + b + ".weight"], sd[p + b + ".bias"]
+        ca, cb = sd[p + "attn.c_attn.weight"].T, sd[p + "attn.c_attn.bias"]
+        for j, n in enumerate("qkv"):
+            out[q + f"attention.w{n}.weight"] = ca[j * D:(j + 1) * D]
+            out[q + f"attention.w{n}.bias"] = cb[j * D:(j + 1) * D]
+        out[q + "attention.wo.weight"], out[q + "attention.wo.bias"] = sd[p + "attn.c_proj.weight"].T, sd[p + "attn.c_proj.bias"]
+        out[q + "feed_forward.w1.weight"], out[q + "feed_forward.w1.bias"] = sd[p + "mlp.c_fc.weight"].T, sd[p + "mlp.c_fc.bias"]
+        out[q + "feed_forward.w2.weight"], out[q + "feed_forward.w2.bias"] = sd[p + "mlp.c_proj.weight"].T, sd[p + "mlp.c_proj.bias"]
+    return out
+
+
+
 def tiny_llama(tied=False, scaling=True, K=2, seed=0):
     torch.manual_seed(seed)
     hc = transformers.LlamaConfig(
@@ -35,24 +75,10 @@ def tiny_llama(tied=False, scaling=True, K=2, seed=0):
                       "original_max_position_embeddings": 16} if scaling else None)
     m = transformers.LlamaForCausalLM(hc).eval()
     sd = {k: v.numpy() for k, v in m.state_dict().items()}
-    H, Hd = 4, 16
-    W = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
-    if not tied:
-        W["output.weight"] = sd["lm_head.weight"]
-    for i in range(2):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        W[q + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-        W[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        W[q + "attention.wq.weight"] = hf_to_meta_rows(sd[p + "self_attn.q_proj.weight"], H, Hd)
-        W[q + "attention.wk.weight"] = hf_to_meta_rows(sd[p + "self_attn.k_proj.weight"], K, Hd)
-        W[q + "attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
-        W[q + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
-        W[q + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
-        W[q + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
-        W[q + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
     cfg = ModelConfig(arch="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=K, vocab_size=300, ffn_dim=96,
                       max_seq_len=128, norm_eps=hc.rms_norm_eps, rope_theta=500000.0,
                       rope_scaling=dict(hc.rope_scaling) if scaling else None, tie_embeddings=tied)
+    W = llama_to_canonical(sd, cfg)
     return m, cfg, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in W.items()}
 
 
@@ -62,21 +88,9 @@ def tiny_gpt2(seed=0):
                                  bos_token_id=0, eos_token_id=0)
     m = transformers.GPT2LMHeadModel(hc).eval()
     sd = {k: v.numpy() for k, v in m.state_dict().items()}
-    D = 64
-    W = {"tok_embeddings.weight": sd["transformer.wte.weight"], "pos_embeddings.weight": sd["transformer.wpe.weight"],
-         "norm.weight": sd["transformer.ln_f.weight"], "norm.bias": sd["transformer.ln_f.bias"]}
-    for i in range(2):
-        p, q = f"transformer.h.{i}.", f"layers.{i}."
-        for a, b in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
-            W[q + a + ".weight"], W[q + a + ".bias"] = sd[p + b + ".weight"], sd[p + b + ".bias"]
-        ca, cb = sd[p + "attn.c_attn.weight"].T, sd[p + "attn.c_attn.bias"]  # Conv1D stores [in, out]
-        for j, n in enumerate("qkv"):
-            W[q + f"attention.w{n}.weight"], W[q + f"attention.w{n}.bias"] = ca[j * D:(j + 1) * D], cb[j * D:(j + 1) * D]
-        W[q + "attention.wo.weight"], W[q + "attention.wo.bias"] = sd[p + "attn.c_proj.weight"].T, sd[p + "attn.c_proj.bias"]
-        W[q + "feed_forward.w1.weight"], W[q + "feed_forward.w1.bias"] = sd[p + "mlp.c_fc.weight"].T, sd[p + "mlp.c_fc.bias"]
-        W[q + "feed_forward.w2.weight"], W[q + "feed_forward.w2.bias"] = sd[p + "mlp.c_proj.weight"].T, sd[p + "mlp.c_proj.bias"]
     cfg = ModelConfig(arch="gpt2", dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=300, ffn_dim=256,
                       max_seq_len=64, norm_eps=1e-5, tie_embeddings=True)
+    W = gpt2_to_canonical(sd, cfg)
     return m, cfg, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in W.items()}
 
 
