@@ -85,6 +85,29 @@ class ModelConfig:
         return cls(**d)
 
 
+
+def is_int(x) -> bool:
+    """A real integer (JSON true/false are Python bools, which are ints too: not a size)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+MISSING = object()
+
+
+def config_value(d: dict, key: str, kind: str, source: str, default=MISSING):
+    """d[key] checked to be of `kind` ("int", "float", "bool"), for config files read from disk
+    (config.json, params.json); a missing (or null) key is an error unless a default is given."""
+    v = d.get(key, MISSING)
+    if v is MISSING or (v is None and default is not MISSING):
+        if default is MISSING:
+            raise FormatError(f"{source}: missing key {key!r}")
+        return default
+    ok = {"int": is_int(v), "float": is_int(v) or isinstance(v, float), "bool": isinstance(v, bool)}[kind]
+    if not ok:
+        want = {"int": "an integer", "float": "a number", "bool": "true or false"}[kind]
+        raise FormatError(f"{source}: {key!r} must be {want}, got {v!r}")
+    return float(v) if kind == "float" else v
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The exact set of canonical (Meta-named) tensors a model of this config holds, with shapes.
 

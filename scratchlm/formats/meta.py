@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig, check_weights
+from ..config import ModelConfig, check_weights, config_value, is_int
 from ..errors import FormatError, ModelNotFoundError, UnsupportedError
 from .safetensors_hf import bf16_to_f32
 
@@ -72,17 +72,13 @@ class TensorRef:
         return {"bf16": "bfloat16", "f2": "float16", "f4": "float32"}[self.storage.kind.dtype]
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     """Stand-in for torch._utils._rebuild_tensor_v2: check the numbers, return a TensorRef."""
     if not isinstance(storage, _Storage):
         raise FormatError("tensor without a storage")
-    if not (_is_int(offset) and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
-            and len(size) == len(stride) <= 8 and all(_is_int(d) and d >= 0 for d in size)
-            and all(_is_int(s) for s in stride)):
+    if not (is_int(offset) and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) <= 8 and all(is_int(d) and d >= 0 for d in size)
+            and all(is_int(s) for s in stride)):
         raise FormatError(f"tensor has bad offset/size/stride {offset!r} {size!r} {stride!r}")
     numel, expect = 1, 1
     for d, s in zip(reversed(size), reversed(stride)):
@@ -123,7 +119,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         _, kind, key, _location, numel = pid
         if not isinstance(kind, _StorageKind):
             raise UnsupportedError(f"storage type {kind!r} is not supported (bfloat16, float16, float32 only)")
-        if not (isinstance(key, str) and re.fullmatch(r"[0-9A-Za-z_]{1,64}", key) and _is_int(numel) and numel >= 0):
+        if not (isinstance(key, str) and re.fullmatch(r"[0-9A-Za-z_]{1,64}", key) and is_int(numel) and numel >= 0):
             raise FormatError(f"bad storage reference {str(pid)[:80]!r}")
         return _Storage(kind, key, numel)
 
@@ -217,16 +213,8 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
 
 
 def _param(p: dict, key: str, kind: str, default=None, required=False):
-    v = p.get(key)
-    if v is None:
-        if required:
-            raise FormatError(f"params.json: missing key {key!r}")
-        return default
-    ok = {"int": _is_int(v), "float": _is_int(v) or isinstance(v, float), "bool": isinstance(v, bool)}[kind]
-    if not ok:
-        want = {"int": "an integer", "float": "a number", "bool": "true or false"}[kind]
-        raise FormatError(f"params.json: {key!r} must be {want}, got {v!r}")
-    return float(v) if kind == "float" else v
+    """A typed params.json value (see config.config_value); None when absent and not required."""
+    return config_value(p, key, kind, "params.json") if required else config_value(p, key, kind, "params.json", default)
 
 
 def config_from_params(p: dict, vocab_size: int | None = None) -> ModelConfig:

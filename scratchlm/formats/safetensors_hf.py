@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelConfig, check_weights, expected_shapes
+from ..config import ModelConfig, check_weights, config_value, expected_shapes, is_int
 from ..errors import FormatError, ModelNotFoundError, UnsupportedError
 from .permute import hf_to_meta
 
@@ -41,10 +41,6 @@ def _reject_duplicates(pairs):
             raise FormatError(f"duplicate key {k!r}")
         d[k] = v
     return d
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
@@ -103,9 +99,9 @@ class SafetensorsFile:
         dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
         if dtype not in DTYPE_SIZES:
             raise FormatError(f"{self.path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or len(shape) > 8 or not all(is_int(d) and d >= 0 for d in shape):
             raise FormatError(f"{self.path}: tensor {name!r} has a bad shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs) and 0 <= offs[0] <= offs[1]):
+        if not (isinstance(offs, list) and len(offs) == 2 and all(is_int(o) for o in offs) and 0 <= offs[0] <= offs[1]):
             raise FormatError(f"{self.path}: tensor {name!r} has bad data_offsets {offs!r}")
         begin, end = offs
         nbytes = DTYPE_SIZES[dtype]
@@ -152,34 +148,17 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------
 # config.json -> ModelConfig
 
-_MISSING = object()
-
-
-def _get(d: dict, key: str, kind, source: str, default=_MISSING):
-    """d[key] checked against kind ("int", "float", "bool"); a missing key is an error unless defaulted."""
-    v = d.get(key, _MISSING)
-    if v is _MISSING or (v is None and default is not _MISSING):
-        if default is _MISSING:
-            raise FormatError(f"{source}: missing key {key!r}")
-        return default
-    ok = {"int": _is_int(v), "float": _is_int(v) or isinstance(v, float), "bool": isinstance(v, bool)}[kind]
-    if not ok:
-        want = {"int": "an integer", "float": "a number", "bool": "true or false"}[kind]
-        raise FormatError(f"{source}: {key!r} must be {want}, got {v!r}")
-    return float(v) if kind == "float" else v
-
-
 def _rope_from_hf(c: dict, source: str) -> tuple[float, dict | None]:
     """rope_theta and our rope_scaling dict, from either the transformers 5 form (rope_parameters holding
     rope_theta too) or the older one (rope_theta + rope_scaling), which is what most hub checkpoints have."""
     params = c.get("rope_parameters")
     if params is None:
         params = c.get("rope_scaling")
-        theta = _get(c, "rope_theta", "float", source, 10000.0)
+        theta = config_value(c, "rope_theta", "float", source, 10000.0)
     else:
         if not isinstance(params, dict):
             raise FormatError(f"{source}: rope_parameters must be an object")
-        theta = _get(params, "rope_theta", "float", source, _get(c, "rope_theta", "float", source, 10000.0))
+        theta = config_value(params, "rope_theta", "float", source, config_value(c, "rope_theta", "float", source, 10000.0))
     if params is None:
         return theta, None
     if not isinstance(params, dict):
@@ -191,8 +170,8 @@ def _rope_from_hf(c: dict, source: str) -> tuple[float, dict | None]:
         raise UnsupportedError(f"{source}: rope scaling type {kind!r} is not supported (only 'llama3')")
     scaling = {"rope_type": "llama3"}
     for k in ("factor", "low_freq_factor", "high_freq_factor"):
-        scaling[k] = _get(params, k, "float", source + " rope_scaling")
-    scaling["original_max_position_embeddings"] = _get(params, "original_max_position_embeddings", "int", source + " rope_scaling")
+        scaling[k] = config_value(params, k, "float", source + " rope_scaling")
+    scaling["original_max_position_embeddings"] = config_value(params, "original_max_position_embeddings", "int", source + " rope_scaling")
     return theta, scaling
 
 
@@ -205,17 +184,17 @@ def config_from_hf(c: dict, source: str = "config.json") -> ModelConfig:
         for k in ("attention_bias", "mlp_bias"):
             if c.get(k):
                 raise UnsupportedError(f"{source}: {k}=true is not supported for llama models")
-        D = _get(c, "hidden_size", "int", source)
-        H = _get(c, "num_attention_heads", "int", source)
+        D = config_value(c, "hidden_size", "int", source)
+        H = config_value(c, "num_attention_heads", "int", source)
         theta, scaling = _rope_from_hf(c, source)
         return ModelConfig(
-            arch="llama", dim=D, n_layers=_get(c, "num_hidden_layers", "int", source), n_heads=H,
-            n_kv_heads=_get(c, "num_key_value_heads", "int", source, H), vocab_size=_get(c, "vocab_size", "int", source),
-            ffn_dim=_get(c, "intermediate_size", "int", source),
-            max_seq_len=_get(c, "max_position_embeddings", "int", source),
-            norm_eps=_get(c, "rms_norm_eps", "float", source, 1e-6), rope_theta=theta, rope_scaling=scaling,
-            tie_embeddings=_get(c, "tie_word_embeddings", "bool", source, False),
-            head_dim=_get(c, "head_dim", "int", source, 0), extra={"format": "hf", "model_type": mt})
+            arch="llama", dim=D, n_layers=config_value(c, "num_hidden_layers", "int", source), n_heads=H,
+            n_kv_heads=config_value(c, "num_key_value_heads", "int", source, H), vocab_size=config_value(c, "vocab_size", "int", source),
+            ffn_dim=config_value(c, "intermediate_size", "int", source),
+            max_seq_len=config_value(c, "max_position_embeddings", "int", source),
+            norm_eps=config_value(c, "rms_norm_eps", "float", source, 1e-6), rope_theta=theta, rope_scaling=scaling,
+            tie_embeddings=config_value(c, "tie_word_embeddings", "bool", source, False),
+            head_dim=config_value(c, "head_dim", "int", source, 0), extra={"format": "hf", "model_type": mt})
     if mt == "gpt2":
         act = c.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -225,14 +204,14 @@ def config_from_hf(c: dict, source: str = "config.json") -> ModelConfig:
                 raise UnsupportedError(f"{source}: {k}=true is not supported")
         if c.get("scale_attn_weights", True) is not True:
             raise UnsupportedError(f"{source}: scale_attn_weights=false is not supported")
-        D = _get(c, "n_embd", "int", source)
-        H = _get(c, "n_head", "int", source)
+        D = config_value(c, "n_embd", "int", source)
+        H = config_value(c, "n_head", "int", source)
         return ModelConfig(
-            arch="gpt2", dim=D, n_layers=_get(c, "n_layer", "int", source), n_heads=H, n_kv_heads=H,
-            vocab_size=_get(c, "vocab_size", "int", source), ffn_dim=_get(c, "n_inner", "int", source, 4 * D),
-            max_seq_len=_get(c, "n_positions", "int", source),
-            norm_eps=_get(c, "layer_norm_epsilon", "float", source, 1e-5),
-            tie_embeddings=_get(c, "tie_word_embeddings", "bool", source, True), extra={"format": "hf", "model_type": mt})
+            arch="gpt2", dim=D, n_layers=config_value(c, "n_layer", "int", source), n_heads=H, n_kv_heads=H,
+            vocab_size=config_value(c, "vocab_size", "int", source), ffn_dim=config_value(c, "n_inner", "int", source, 4 * D),
+            max_seq_len=config_value(c, "n_positions", "int", source),
+            norm_eps=config_value(c, "layer_norm_epsilon", "float", source, 1e-5),
+            tie_embeddings=config_value(c, "tie_word_embeddings", "bool", source, True), extra={"format": "hf", "model_type": mt})
     raise UnsupportedError(f"{source}: model_type {mt!r} is not supported (supported: 'llama', 'gpt2')")
 
 
@@ -465,7 +444,7 @@ def load_hf_dir(path, progress: bool = False) -> tuple[ModelConfig, dict[str, np
             "tokenizer": str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None}
     for key in ("eos_token_id", "bos_token_id"):
         v = gen.get(key, c.get(key))
-        ok = v is None or _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))
+        ok = v is None or is_int(v) or (isinstance(v, list) and all(is_int(x) for x in v))
         if not ok:
             raise FormatError(f"{path}: {key} must be an integer or a list of integers, got {v!r}")
         info[key] = v
