@@ -1,5 +1,5 @@
-"""Training throughput: our NumPy trainer step (own backward + clipping + AdamW) against the same step in
-PyTorch autograd (transformers' LlamaForCausalLM / GPT2LMHeadModel, fp32, torch.optim.AdamW), side by side.
+"""Training throughput: our NumPy trainer step (own backward, the batch in --threads shards, clipping, AdamW)
+against the same step in PyTorch autograd (transformers' LlamaForCausalLM / GPT2LMHeadModel, fp32, torch.optim.AdamW), side by side.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_training.py [--arch llama] [--layers 4 --dim 128 ...]
 
@@ -41,8 +41,10 @@ def worker_ours(a) -> dict:
 
     from scratchlm.model import Model
     from scratchlm.training.optim import AdamW, clip_grad_norm
-    from scratchlm.training.trainer import init_weights
+    from scratchlm.training.parallel import keep_freed_memory
+    from scratchlm.training.trainer import accumulate_grads, init_weights
 
+    keep_freed_memory()  # as the Trainer does
     cfg = _cfg(a)
     model = Model(cfg, init_weights(cfg, 0))
     opt = AdamW(model.weights, betas=(0.9, 0.95), weight_decay=0.1)
@@ -51,7 +53,7 @@ def worker_ours(a) -> dict:
     times, phases = [], {"forward+backward": 0.0, "clip": 0.0, "adamw": 0.0}
     for i, (x, y) in enumerate(data):
         t0 = time.perf_counter()
-        loss, grads = model.loss_and_grads(x, y)
+        loss, grads = accumulate_grads(model, [(x, y)], threads=a.threads)  # the Trainer's step: shards in threads
         t1 = time.perf_counter()
         clip_grad_norm(grads, 1.0)
         t2 = time.perf_counter()

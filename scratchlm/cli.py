@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=_positive_int, default=100, help="evaluate every N steps (default 100)")
     p.add_argument("--save-every", type=_positive_int, default=100, help="checkpoint every N steps (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="threads that each run a shard of the batch (default: every core; with --resume: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final losses")
 
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_positive_int, default=256, help="tokens per row (default 256)")
     p.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every N steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="threads that each run a shard of the batch (default: every core; with --resume: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final line")
 
@@ -294,14 +298,14 @@ def cmd_train(a) -> int:
     if a.resume:
         if a.data or a.out:
             raise ValueError("--resume DIR continues a run with its own data and output; drop --data/--out")
-        t = Trainer.resume(a.resume, a.steps, progress=progress, verbose=not a.quiet)
+        t = Trainer.resume(a.resume, a.steps, threads=a.threads, progress=progress, verbose=not a.quiet)
     else:
         if not a.data or not a.out:
             raise ValueError("train needs --data FILE and --out DIR (or --resume DIR)")
         args = TrainArgs(data=a.data, out=a.out, tokenizer=a.tokenizer, arch=a.arch, layers=a.layers, dim=a.dim,
                          heads=a.heads, kv_heads=a.kv_heads or 0, context=a.context, batch=a.batch, accum=a.accum,
                          steps=a.steps or 1000, lr=a.lr, warmup=a.warmup, eval_every=a.eval_every,
-                         save_every=a.save_every, seed=a.seed)
+                         save_every=a.save_every, seed=a.seed, threads=a.threads or 0)
         t = Trainer.new(args, progress=progress, verbose=not a.quiet)
     r = t.train()
     print(f"step {r['step']}: train loss {r.get('train_loss', float('nan')):.4f}, "
@@ -339,13 +343,13 @@ def cmd_finetune(a) -> int:
     if a.resume:
         if a.data or a.out:
             raise ValueError("--resume DIR continues a run with its own data and output; drop --data/--out")
-        t = Finetuner.resume(a.resume, a.steps, progress=progress, verbose=not a.quiet)
+        t = Finetuner.resume(a.resume, a.steps, threads=a.threads, progress=progress, verbose=not a.quiet)
     else:
         if not a.data or not a.out:
             raise ValueError("finetune needs --data FILE.jsonl and --out DIR (or --resume DIR)")
         args = FinetuneArgs(data=a.data, out=a.out, base=a.model, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
                             targets=a.targets, epochs=a.epochs, steps=a.steps or 0, lr=a.lr, batch=a.batch,
-                            context=a.context, seed=a.seed, save_every=a.save_every)
+                            context=a.context, seed=a.seed, save_every=a.save_every, threads=a.threads or 0)
         t = Finetuner.new(args, progress=progress, verbose=not a.quiet)
     r = t.train()
     print(f"step {r['step']}: loss {r['loss'] if r['loss'] is not None else float('nan'):.4f}; adapter in {r['out']}")

@@ -38,6 +38,7 @@ from ..errors import FormatError, PromptError
 from . import checkpoint as ck
 from .lora import TARGETS, LoRA, adapter_summary, parse_targets
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
+from .parallel import keep_freed_memory, sharded_loss_and_grads, usable_cores
 from .trainer import RunLog
 
 MARKER = "scratchlm-finetune.json"
@@ -225,6 +226,7 @@ class FinetuneArgs:
     grad_clip: float = 1.0
     save_every: int = 50
     plot: bool = True
+    threads: int = 0  # shards of each batch run side by side (parallel.py); 0: every usable core, fixed at start
 
     def validate(self) -> None:
         for k in ("rank", "epochs", "batch", "context", "save_every"):
@@ -236,32 +238,16 @@ class FinetuneArgs:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"--threads must be a non-negative integer, got {self.threads!r}")
+        if not self.threads:
+            self.threads = usable_cores()  # fixed now and saved, so a resume shards (and drops out) alike
         self.targets = ",".join(parse_targets(self.targets))
 
 
 def read_tensors(path) -> dict:
     """The float32 tensors of a checkpoint's safetensors file (checkpoint.py's reader, one-line errors)."""
     return ck._load_tensors(path)
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the kernel.
-
-    A step allocates and frees the same large activations every time; by default glibc hands big
-    blocks back (munmap / trim) and the next step page-faults them in again (zeroed by the kernel),
-    which costs seconds of system time per minute. mallopt(M_TRIM_THRESHOLD, M_MMAP_THRESHOLD) keeps
-    them in the heap. A no-op where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: blocks up to 32 MiB come from the reusable heap
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)  # keep up to 1 GiB of freed heap instead of trimming it
 
 
 class Finetuner(RunLog):
@@ -316,8 +302,9 @@ class Finetuner(RunLog):
         return cls(out, args, model, lora, rows, masks, report, **kw)
 
     @classmethod
-    def resume(cls, run_dir, steps: int | None = None, model=None, **kw) -> "Finetuner":
-        """Continue a run from its latest checkpoint; `steps` is the new total."""
+    def resume(cls, run_dir, steps: int | None = None, model=None, threads: int | None = None, **kw) -> "Finetuner":
+        """Continue a run from its latest checkpoint; `steps` is the new total; `threads` replaces the run's
+        shard count (the continuation then draws other dropout masks)."""
         run_dir = Path(run_dir)
         meta = ck.read_json(run_dir / MARKER, "fine-tuning run description")
         if not isinstance(meta, dict) or not isinstance(meta.get("args"), dict):
@@ -328,6 +315,8 @@ class Finetuner(RunLog):
             raise FormatError(f"{run_dir / MARKER}: {e}") from None
         if steps is not None:
             args.steps = steps
+        if threads is not None:
+            args.threads = threads
         args.validate()
         ck.check_writable(run_dir)
         if model is None:
@@ -373,7 +362,7 @@ class Finetuner(RunLog):
         self.lora.rng = np.random.default_rng([a.seed, 1, self.step])  # dropout masks of this step
         self.lora.training = True
         try:
-            loss, grads = self.model.loss_and_grads(x, y, loss_mask=m, wrt="adapters")
+            loss, grads = sharded_loss_and_grads(self.model, x, y, loss_mask=m, wrt="adapters", threads=a.threads)
         finally:
             self.lora.training = False
         norm = clip_grad_norm(grads, a.grad_clip) if a.grad_clip > 0 else global_norm(grads)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,7 @@ class LoRA:
         self.base_name = base_name
         self.training = False
         self.rng = np.random.default_rng(seed)  # dropout masks
+        self._thread = threading.local()  # a shard thread's own dropout generator (training/parallel.py)
         shapes = target_shapes(cfg)
         for t in self.targets:
             out, inp = shapes[t]
@@ -167,6 +169,11 @@ class LoRA:
         model.adapter = self
         return self
 
+    def set_thread_rng(self, rng) -> None:
+        """Draw the calling thread's dropout masks from `rng` (None: from self.rng again), so shards of a
+        batch running in threads (training/parallel.py) each have their own deterministic masks."""
+        self._thread.rng = rng
+
     @property
     def n_params(self) -> int:
         return sum(int(a.size) for a in self.params.values())
@@ -184,7 +191,8 @@ class LoRA:
         if self.training and self.dropout > 0:
             # inverted dropout: keep with probability 1-p and scale by 1/(1-p), as torch.nn.Dropout. The
             # mask compares raw random 32-bit words with p * 2^32 (twice as fast as random floats)
-            bits = np.frombuffer(self.rng.bytes(4 * x.size), np.uint32).reshape(x.shape)
+            rng = getattr(self._thread, "rng", None) or self.rng
+            bits = np.frombuffer(rng.bytes(4 * x.size), np.uint32).reshape(x.shape)
             keep = bits >= np.uint32(min(round(self.dropout * 2.0 ** 32), 2 ** 32 - 1))  # [B,T,in] bool
             xd = x * np.float32(1.0 / (1.0 - self.dropout))
             xd *= keep

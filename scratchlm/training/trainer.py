@@ -35,6 +35,7 @@ from ..model import Model
 from . import checkpoint as ck
 from .data import BatchSampler, TokenData, bigram_loss, eval_batches, read_corpus, unigram_loss, write_tokens
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
+from .parallel import keep_freed_memory, sharded_loss_and_grads, usable_cores
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrainArgs:
     seed: int = 0
     val_fraction: float = 0.1
     plot: bool = True
+    threads: int = 0  # shards of each batch run side by side (parallel.py); 0: every usable core, fixed at start
 
     def validate(self) -> None:
         ints = ("layers", "dim", "heads", "context", "batch", "accum", "steps", "eval_every", "eval_batches",
@@ -79,7 +81,7 @@ class TrainArgs:
             v = getattr(self, n)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > 1 << 24:
                 raise ValueError(f"--{n.replace('_', '-')} must be a positive integer, got {v!r}")
-        for n in ("kv_heads", "ffn_dim", "sample_every"):
+        for n in ("kv_heads", "ffn_dim", "sample_every", "threads"):
             v = getattr(self, n)
             if not isinstance(v, int) or v < 0 or v > 1 << 24:
                 raise ValueError(f"--{n.replace('_', '-')} must be a non-negative integer, got {v!r}")
@@ -99,6 +101,8 @@ class TrainArgs:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("betas must be in [0, 1)")
+        if not self.threads:
+            self.threads = usable_cores()  # fixed now and saved, so a resume shards alike
 
     @property
     def warmup_steps(self) -> int:
@@ -162,12 +166,13 @@ def eval_loss(model: Model, batches) -> float:
     return total / len(batches)
 
 
-def accumulate_grads(model: Model, batches) -> tuple[float, dict]:
+def accumulate_grads(model: Model, batches, threads: int = 1) -> tuple[float, dict]:
     """Mean loss and mean gradients over micro-batches [(inputs [B,T], targets [B,T]), ...]: the same
-    numbers as one batch of all of them together (every micro-batch has B*T targets)."""
+    numbers as one batch of all of them together (every micro-batch has B*T targets). Each micro-batch
+    runs as `threads` shards side by side (parallel.py)."""
     loss, grads, n = 0.0, None, 0
     for x, y in batches:
-        l, g = model.loss_and_grads(x, y)
+        l, g = sharded_loss_and_grads(model, x, y, threads=threads)
         loss, n = loss + l, n + 1
         if grads is None:
             grads = g  # fresh arrays from the backward: ours to accumulate into
@@ -269,6 +274,7 @@ class Trainer(RunLog):
         self._eval_sets = None
         self._log = None
         self._lock = ck.lock_run(self.run_dir)  # one trainer per run directory
+        keep_freed_memory()
         self.history: list[dict] = []  # every log record of this run (read back on resume)
 
     # --- construction -----------------------------------------------------------------------
@@ -297,9 +303,10 @@ class Trainer(RunLog):
         return t
 
     @classmethod
-    def resume(cls, run_dir, steps: int | None = None, **kw) -> "Trainer":
+    def resume(cls, run_dir, steps: int | None = None, threads: int | None = None, **kw) -> "Trainer":
         """Continue a run from its latest checkpoint (from step 0 if it has none yet). `steps` is the new
-        total; the cosine schedule is stretched to it (pass the original total for an exact continuation)."""
+        total; the cosine schedule is stretched to it (pass the original total for an exact continuation).
+        `threads` replaces the run's shard count (the continuation then differs in float rounding)."""
         run_dir = Path(run_dir)
         if not ck.is_run_dir(run_dir):
             raise FormatError(f"{run_dir}: not a training run directory (no {ck.RUN_MARKER})")
@@ -308,6 +315,8 @@ class Trainer(RunLog):
         args = TrainArgs.from_dict(train)
         if steps is not None:
             args.steps = steps
+        if threads is not None:
+            args.threads = threads
         args.validate()
         tok = ck.load_run_tokenizer(run_dir)
         data = TokenData(run_dir)
@@ -337,7 +346,7 @@ class Trainer(RunLog):
         """One optimizer step over `accum` micro-batches; returns loss, lr and grad norm."""
         a = self.args
         lr = self.lr(self.step)
-        loss, grads = accumulate_grads(self.model, (self.sampler.next() for _ in range(a.accum)))
+        loss, grads = accumulate_grads(self.model, (self.sampler.next() for _ in range(a.accum)), a.threads)
         norm = clip_grad_norm(grads, a.grad_clip) if a.grad_clip > 0 else global_norm(grads)
         self.opt.step(grads, lr)
         self.step += 1

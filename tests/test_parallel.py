@@ -1,0 +1,103 @@
+"""The sharded training step (training/parallel.py): a batch split over threads gives the whole batch's
+loss and gradients, deterministically; LoRA dropout draws each shard's masks from its own generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import scratchlm
+from scratchlm.training.lora import LoRA
+from scratchlm.training.parallel import shard_rows, sharded_loss_and_grads
+from tests.test_backward import batch, build
+from tests.tiny_models import make_hf_llama
+
+
+def close(a, b, rel=1e-5, floor=1e-7) -> bool:
+    """Equal up to float32 rounding: within rel of b's largest entry, or `floor` for a gradient that is
+    exactly zero in exact arithmetic (GPT-2's key bias: softmax ignores a shift shared by all keys)."""
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b))) <= rel * float(np.max(np.abs(b))) + floor
+
+
+def test_shard_rows_cover_the_batch_in_near_equal_parts():
+    assert shard_rows(5, 2) == [slice(0, 2), slice(2, 5)]
+    assert shard_rows(16, 2) == [slice(0, 8), slice(8, 16)]
+    assert shard_rows(2, 8) == [slice(0, 1), slice(1, 2)]  # never an empty shard
+    assert shard_rows(3, 1) == [slice(0, 3)]
+    for B in range(1, 12):
+        for n in range(1, 6):
+            rows = [r for s in shard_rows(B, n) for r in range(B)[s]]
+            assert rows == list(range(B))
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-scaled-tied", "gpt2"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_shards_give_the_whole_batch_loss_and_gradients(case, threads):
+    _, model, _ = build(case)
+    ids, tgt = batch(model.config, B=5, T=16, seed=1)
+    loss, grads = model.loss_and_grads(ids, tgt)
+    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, threads=threads)
+    assert abs(loss_s - loss) <= 1e-6 * abs(loss)
+    assert grads_s.keys() == grads.keys()
+    for name, g in grads.items():
+        assert grads_s[name].shape == g.shape
+        assert close(grads_s[name], g), name
+    again = sharded_loss_and_grads(model, ids, tgt, threads=threads)
+    assert again[0] == loss_s and all(np.array_equal(again[1][n], grads_s[n]) for n in grads)  # deterministic
+
+
+def test_masked_shards_weigh_by_the_targets_they_count():
+    _, model, _ = build("llama-gqa-scaled-untied")
+    ids, tgt = batch(model.config, B=4, T=12, seed=2)
+    mask = np.zeros(ids.shape, np.int64)
+    mask[2, 3:] = 1  # shard 2 of 2 counts 9 + 2 targets, shard 1 none at all
+    mask[3, :2] = 1
+    loss, grads = model.loss_and_grads(ids, tgt, loss_mask=mask)
+    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, loss_mask=mask, threads=2)
+    assert abs(loss_s - loss) <= 1e-6 * abs(loss)
+    for name, g in grads.items():
+        assert close(grads_s[name], g), name
+    mask[1, 0] = 1  # now both shards count targets, unequally (1 and 11)
+    loss, grads = model.loss_and_grads(ids, tgt, loss_mask=mask)
+    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, loss_mask=mask, threads=2)
+    assert abs(loss_s - loss) <= 1e-6 * abs(loss)
+    for name, g in grads.items():
+        assert close(grads_s[name], g), name
+
+
+def test_one_row_or_one_thread_is_the_plain_call_and_errors_stay_one_line():
+    _, model, _ = build("gpt2")
+    ids, tgt = batch(model.config, B=1, T=8)
+    loss, grads = model.loss_and_grads(ids, tgt)
+    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, threads=4)
+    assert loss_s == loss and all(np.array_equal(grads_s[n], grads[n]) for n in grads)
+    with pytest.raises(ValueError, match="loss_mask selects no target"):
+        sharded_loss_and_grads(model, *batch(model.config, B=2, T=8), loss_mask=np.zeros((2, 8)), threads=2)
+    with pytest.raises(ValueError, match="target_ids has shape"):
+        sharded_loss_and_grads(model, ids.repeat(2, 0), tgt, threads=2)
+
+
+def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_deterministic(tmp_path):
+    base = make_hf_llama(tmp_path / "base", n_heads=4, n_kv_heads=2, tied=False, seed=3)
+    model = scratchlm.load(base, progress=False)
+    lora = LoRA(model.config, rank=4, targets="q,v,o,up,down", seed=1).attach(model)
+    for name, a in lora.params.items():  # B off zero, so every gradient is non-trivial
+        if name.endswith("lora_B"):
+            a[...] = np.random.default_rng(len(name)).standard_normal(a.shape).astype(np.float32) * 0.1
+    rng = np.random.default_rng(4)
+    ids, tgt = rng.integers(0, 256, (4, 10)), rng.integers(0, 256, (4, 10))
+    loss, grads = model.loss_and_grads(ids, tgt, wrt="adapters")
+    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2)
+    assert abs(loss_s - loss) <= 1e-6 * abs(loss)
+    assert grads_s.keys() == grads.keys() == lora.params.keys()
+    for name, g in grads.items():
+        assert close(grads_s[name], g), name
+
+    lora.dropout, lora.training = 0.3, True
+    runs = []
+    for _ in range(2):
+        lora.rng = np.random.default_rng(7)
+        runs.append(sharded_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2))
+    assert runs[0][0] == runs[1][0] and abs(runs[0][0] - loss) > 1e-6  # the same masks again; not the dropout-free loss
+    assert all(np.array_equal(runs[0][1][n], runs[1][1][n]) for n in grads)
+    lora.training = False
