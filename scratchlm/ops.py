@@ -14,13 +14,30 @@ import numpy as np
 from array_api_compat import array_namespace, device, is_numpy_array, is_torch_array
 
 
+# Speed note: on the CPU, element-wise work is bound by memory traffic. A fresh [.., D] result costs a
+# new buffer that evicts the cache, so arrays this module has just made (never the caller's inputs)
+# are updated in place (x -= m, _exp_), and a mean over the last axis is one dot per row (vecdot),
+# which NumPy runs several times faster than a reduction over short rows.
+
+def _exp_(x):
+    """exp(x) in place: x must be a fresh array of the caller's own. NumPy and torch write into x;
+    other namespaces (no in-place exp in the Array API) return a new array."""
+    if is_numpy_array(x):
+        return np.exp(x, out=x)
+    if is_torch_array(x):
+        return x.exp_()
+    return array_namespace(x).exp(x)
+
+
 # --- normalisation ---------------------------------------------------------------------------
 
 def rms_norm(x, w, eps: float):
     """RMSNorm (Llama): x / sqrt(mean(x^2) + eps) * w, over the last axis."""
     xp = array_namespace(x)
-    ms = xp.mean(x * x, axis=-1, keepdims=True)  # [..., D] -> [..., 1]
-    return x * (1.0 / xp.sqrt(ms + eps)) * w
+    ms = xp.vecdot(x, x)[..., None] / x.shape[-1]  # [..., D] -> [..., 1]: mean of squares, one dot per row
+    y = x * (1.0 / xp.sqrt(ms + eps))  # [..., D]
+    y *= w
+    return y
 
 
 def rms_norm_backward(dy, x, w, eps: float):
@@ -31,12 +48,14 @@ def rms_norm_backward(dy, x, w, eps: float):
     """
     xp = array_namespace(x)
     D = x.shape[-1]
-    r = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # [..., D] -> [..., 1]
+    r = 1.0 / xp.sqrt(xp.vecdot(x, x)[..., None] / D + eps)  # [..., D] -> [..., 1]
     xh = x * r  # [..., D]
     dw = xp.sum(xp.reshape(dy * xh, (-1, D)), axis=0)  # [N,D] -> [D]
     g = dy * w  # [..., D]
-    dx = r * (g - xh * xp.mean(g * xh, axis=-1, keepdims=True))  # [..., D]
-    return dx, dw
+    xh *= xp.vecdot(g, xh)[..., None] / D  # [..., D] * [..., 1]: xh * mean(g*xh)
+    g -= xh
+    g *= r  # dx
+    return g, dw
 
 
 def layer_norm(x, w, b, eps: float):
@@ -70,9 +89,10 @@ def layer_norm_backward(dy, x, w, eps: float):
 # --- activations -----------------------------------------------------------------------------
 
 def silu(x):
-    """SiLU / swish: x * sigmoid(x)."""
-    xp = array_namespace(x)
-    return x / (1.0 + xp.exp(-x))
+    """SiLU / swish: x * sigmoid(x) = x / (1 + e^-x)."""
+    d = _exp_(-x)  # a fresh e^-x
+    d += 1.0
+    return x / d
 
 
 def silu_backward(dy, x):
@@ -84,13 +104,14 @@ def silu_backward(dy, x):
 
 def swiglu(gate, up):
     """SwiGLU's gating (Llama's FFN): silu(x W1) * (x W3); the caller applies W2."""
-    return silu(gate) * up
+    y = silu(gate)  # fresh
+    y *= up
+    return y
 
 
 def swiglu_backward(dy, gate, up):
     """Gradients of swiglu(gate, up) = silu(gate) * up from dy [..., F]: (dgate, dup), each [..., F]."""
-    xp = array_namespace(gate)
-    s = xp.exp(-gate)  # [..., F]; fresh arrays below are updated in place to save memory passes
+    s = _exp_(-gate)  # [..., F]; fresh arrays below are updated in place to save memory passes
     s += 1.0
     s = 1.0 / s  # sigmoid(gate), shared by silu and its derivative
     sg = gate * s  # silu(gate)
@@ -118,11 +139,18 @@ def gelu_tanh_backward(dy, x):
     return dy * (0.5 * (1.0 + t) + (0.5 * c) * x * (1.0 - t * t) * (1.0 + (3.0 * 0.044715) * x2))
 
 
-def softmax(x, axis: int = -1):
-    """Numerically stable softmax: subtract the max so exp never overflows."""
+def softmax(x, axis: int = -1, inplace: bool = False):
+    """Numerically stable softmax: subtract the max so exp never overflows. inplace=True overwrites x
+    (a fresh array of the caller's own, like attention scores) and saves two passes over memory."""
     xp = array_namespace(x)
-    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
-    return e / xp.sum(e, axis=axis, keepdims=True)
+    m = xp.max(x, axis=axis, keepdims=True)
+    if inplace:
+        x -= m
+        e = _exp_(x)
+    else:
+        e = _exp_(x - m)
+    e /= xp.sum(e, axis=axis, keepdims=True)
+    return e
 
 
 def softmax_backward(dy, y, axis: int = -1):
@@ -211,10 +239,10 @@ def rope(x, cos, sin):
     """
     xp = array_namespace(x)
     B, T, N, Hd = x.shape
-    xr = xp.reshape(x, (B, T, N, Hd // 2, 2))  # [B,T,N,Hd] -> [B,T,N,Hd/2,2]
-    x0, x1 = xr[..., 0], xr[..., 1]  # [B,T,N,Hd/2] each
-    c, s = cos[:, None, :], sin[:, None, :]  # [T,1,Hd/2], broadcast over B and N
-    out = xp.stack((x0 * c - x1 * s, x0 * s + x1 * c), axis=-1)  # [B,T,N,Hd/2,2]
+    xr = xp.reshape(x, (B, T, N * Hd // 2, 2))  # [B,T,N,Hd] -> [B,T,N*Hd/2,2]: every head's pairs in one row
+    x0, x1 = xr[..., 0], xr[..., 1]  # [B,T,N*Hd/2] each
+    c, s = xp.tile(cos, (1, N)), xp.tile(sin, (1, N))  # [T,Hd/2] -> [T,N*Hd/2]: long rows run faster than N short ones
+    out = xp.stack((x0 * c - x1 * s, x0 * s + x1 * c), axis=-1)  # [B,T,N*Hd/2,2]
     return xp.reshape(out, (B, T, N, Hd))
 
 
@@ -249,12 +277,14 @@ def attention(q, k, v, mask=None, record=None):
     G = H // K
     qg = xp.reshape(q, (B, K, G, T, Hd))  # [B,H,T,Hd] -> [B,K,G,T,Hd]: heads sharing a kv head side by side
     kt = xp.permute_dims(k, (0, 1, 3, 2))[:, :, None]  # [B,K,S,Hd] -> [B,K,1,Hd,S]
-    scores = (qg @ kt) * (1.0 / math.sqrt(Hd))  # [B,K,G,T,Hd] @ [B,K,1,Hd,S] -> [B,K,G,T,S]
+    scores = qg @ kt  # [B,K,G,T,Hd] @ [B,K,1,Hd,S] -> [B,K,G,T,S], a fresh array: scaled in place
+    scores *= 1.0 / math.sqrt(Hd)
     if mask is not None:
-        scores = scores + mask  # -inf on future positions
-    p = softmax(scores, axis=-1)  # [B,K,G,T,S]
+        scores += mask  # -inf on future positions
     if record is not None:
-        record("scores", xp.reshape(scores, (B, H, T, S)))  # [B,K,G,T,S] -> [B,H,T,S]
+        record("scores", xp.reshape(xp.asarray(scores, copy=True), (B, H, T, S)))  # [B,K,G,T,S] -> [B,H,T,S]
+    p = softmax(scores, axis=-1, inplace=True)  # [B,K,G,T,S], in the scores' memory
+    if record is not None:
         record("probs", xp.reshape(p, (B, H, T, S)))
     out = p @ v[:, :, None]  # [B,K,G,T,S] @ [B,K,1,S,Hd] -> [B,K,G,T,Hd]
     return xp.reshape(out, (B, H, T, Hd))
@@ -280,7 +310,7 @@ def attention_backward(dout, q, k, v, probs):
     dp = do @ xp.permute_dims(v, (0, 1, 3, 2))  # [B,K,G*T,Hd] @ [B,K,Hd,S] -> [B,K,G*T,S]
     # softmax backward, in place on the fresh dp: p * (dp - sum(dp * p)), times the scores' scale
     ds = dp
-    ds -= xp.sum(dp * p, axis=-1, keepdims=True)  # [B,K,G*T,S] - [B,K,G*T,1]
+    ds -= xp.vecdot(dp, p)[..., None]  # [B,K,G*T,S] - [B,K,G*T,1]: sum over S of dp*p, one dot per row
     ds *= p
     ds *= scale  # the scores were (q @ k^T) * scale
     dq = ds @ k  # [B,K,G*T,S] @ [B,K,S,Hd] -> [B,K,G*T,Hd]
