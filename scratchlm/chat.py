@@ -39,6 +39,18 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
+# A plain chat format for models that ship none (GPT-2): "User: ...", "Assistant: ...<eos>", one turn per
+# line. Fine-tuning such a base on chat data teaches it this format, and the adapter carries the template
+# (training/lora.py TEMPLATE_NAME) so `chat --adapter` speaks it too.
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] | trim }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] | trim }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] | trim + eos_token }}"
+    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\nAssistant:' }}{% endif %}"
+)
+
 # Two Unicode noncharacters (reserved for a program's internal use) that bracket special-token text found
 # in messages while the template runs, so that afterwards we can tell it from the template's own tokens.
 _OPEN, _CLOSE = "\ufdd0", "\ufdd1"

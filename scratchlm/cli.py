@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
     p.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input (default 0.05)")
-    p.add_argument("--targets", default="q,k,v,o,gate,up,down", help="projections to adapt (default all seven)")
+    p.add_argument("--targets", default="all",
+                   help="projections to adapt: q,k,v,o,gate,up,down (Llama) or qkv,o,up,down (GPT-2); default all")
     p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the data (default 3)")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs; with --resume: the new total)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")

@@ -205,18 +205,22 @@ class Model:
             # --- feed-forward block ---
             h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,T,D]
             if gpt2:
-                up = ops.linear(h, L.w1, L.b1)  # [B,T,D] @ [D,F] -> [B,T,F]
+                up = ops.linear(h, L.w1)  # [B,T,D] @ [D,F] -> [B,T,F]
+                if ad is not None:
+                    ad.apply(i, "w13", h, up, r)
+                up = up + L.b1
                 act = ops.gelu_tanh(up)
-                f = ops.linear(act, L.w2, L.b2)  # [B,T,F] @ [F,D] -> [B,T,D]
             else:
                 gu = ops.linear(h, L.w13)  # [B,T,D] @ [D,2F] -> [B,T,2F]
                 if ad is not None:
                     ad.apply(i, "w13", h, gu, r)
                 gate, up = gu[..., :F], gu[..., F:]  # [B,T,F] each
                 act = ops.swiglu(gate, up)
-                f = ops.linear(act, L.w2)  # [B,T,F] @ [F,D] -> [B,T,D]
-                if ad is not None:
-                    ad.apply(i, "down", act, f, r)
+            f = ops.linear(act, L.w2)  # [B,T,F] @ [F,D] -> [B,T,D]
+            if ad is not None:
+                ad.apply(i, "down", act, f, r)
+            if gpt2:
+                f = f + L.b2
             x = x + f  # residual
             if r is not None:
                 r("ffn_norm", h)

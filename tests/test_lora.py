@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import scratchlm
+from scratchlm.errors import FormatError
 from scratchlm.training.lora import LoRA, load_adapter, load_peft
 from tiny_models import hf_reference, make_hf_llama
 
@@ -308,13 +309,114 @@ def test_adapter_base_mismatch_and_rank_errors(tiny, tmp_path, default_model):
         scratchlm.load(base, adapter=tmp_path / "nowhere", progress=False)
 
 
-def test_gpt2_base_is_refused_in_one_line(tmp_path):
-    from scratchlm.errors import UnsupportedError
+# --- GPT-2 bases: adapters on c_attn (q, k and v as one matrix), attn.c_proj, mlp.c_fc, mlp.c_proj -------
+
+GPT2_MODULES = ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A tiny random GPT-2 and a PEFT adapter on all four of its projections, random A and B."""
     from tiny_models import make_hf_gpt2
 
-    model = scratchlm.load(make_hf_gpt2(tmp_path / "gpt2"), progress=False)
-    with pytest.raises(UnsupportedError, match="LoRA supports Llama-architecture models"):
-        LoRA(model.config, rank=2)
+    root = tmp_path_factory.mktemp("lora_gpt2")
+    base = make_hf_gpt2(root / "base", vocab=300, dim=64, n_layers=2, n_heads=4, seed=5)
+    torch.manual_seed(1)
+    import warnings
+    with warnings.catch_warnings():  # PEFT notes that Conv1D needs fan_in_fan_out=True, and sets it
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf_reference(base), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=GPT2_MODULES, lora_dropout=0.0, init_lora_weights=False,
+            fan_in_fan_out=True))
+    pm.save_pretrained(root / "peft")
+    return base, root / "peft", pm
+
+
+def test_gpt2_adapter_gradients_match_torch_autograd_through_peft(tiny_gpt2):
+    base, adapter, pm = tiny_gpt2
+    model = scratchlm.load(base, adapter=adapter, progress=False)
+    assert model.adapter.targets == ("qkv", "o", "up", "down")
+    rng = np.random.default_rng(6)
+    ids, tgt = rng.integers(0, 300, (2, 12)), rng.integers(0, 300, (2, 12))
+    mask = (rng.random((2, 12)) > 0.3).astype(np.float32)
+    loss, grads = model.loss_and_grads(ids, tgt, loss_mask=mask, wrt="adapters")
+    pm.zero_grad()
+    logits = pm(torch.tensor(ids)).logits
+    logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tgt)[..., None])[..., 0]
+    ref_loss = -(logp * torch.tensor(mask)).sum() / mask.sum()
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    ours = model.adapter.peft_tensors(grads)
+    n = 0
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            key = name.replace(".default", "")
+            assert rel(ours[key], p.grad.numpy()) < 1e-4, key
+            n += 1
+    assert n == len(ours) == 2 * 4 * 2  # 2 layers x 4 targets x (A, B)
+
+
+def test_gpt2_adapters_round_trip_through_peft_and_merge(tiny_gpt2, tmp_path):
+    base, adapter, pm = tiny_gpt2
+    ids = np.random.default_rng(7).integers(0, 300, 20)
+    with torch.no_grad():
+        ref = pm(torch.tensor(ids[None])).logits[0].numpy()
+    model = scratchlm.load(base, adapter=adapter, progress=False)  # PEFT -> ours
+    assert rel(model.logits(ids), ref) < 1e-5
+    assert rel(scratchlm.load(base, progress=False).logits(ids), ref) > 1e-2  # the adapter changes the output
+
+    model.adapter.save(tmp_path / "ours")  # ours -> PEFT
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True and sorted(cfg["target_modules"]) == sorted(
+        ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
+    pm2 = peft.PeftModel.from_pretrained(hf_reference(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert rel(pm2(torch.tensor(ids[None])).logits[0].numpy(), ref) < 1e-5
+
+    with_adapter = model.logits(ids)
+    model.adapter.merge_into(model)  # merged weights give the adapter model's logits
+    assert rel(model.logits(ids), with_adapter) < 1e-5
+
+
+def test_gpt2_targets_and_mismatched_bases_are_one_line_errors(tiny_gpt2, tiny):
+    gpt2 = scratchlm.load(tiny_gpt2[0], progress=False)
+    with pytest.raises(ValueError, match="use qkv"):
+        LoRA(gpt2.config, rank=2, targets="q,v")
+    assert LoRA(gpt2.config, rank=2, targets="c_proj").targets == ("o", "down")  # PEFT's suffix match
+    llama = scratchlm.load(tiny[0], progress=False)
+    with pytest.raises(FormatError, match="not a LoRA weight of a gpt2 layer"):
+        load_adapter(gpt2, tiny[1])  # a Llama adapter on a GPT-2 base
+    with pytest.raises(FormatError, match="not a LoRA weight of a llama layer"):
+        load_adapter(llama, tiny_gpt2[1])
+
+
+def test_finetune_a_gpt2_trained_here_in_the_plain_chat_format(tmp_path):
+    """End to end on a GPT-2 base without a chat template: a small GPT-2 trained from scratch here, then
+    LoRA fine-tuned on chat data; the adapter carries the plain format and `chat` uses it."""
+    from scratchlm.chat import PLAIN_TEMPLATE
+    from scratchlm.training.finetune import FinetuneArgs, Finetuner
+    from scratchlm.training.trainer import TrainArgs, Trainer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("User: hello there\nAssistant: hello, how are you?\n" * 200)
+    Trainer.new(TrainArgs(data=[str(corpus)], out=str(tmp_path / "run"), arch="gpt2", tokenizer="bpe:300", layers=1, dim=32, heads=2,
+                          context=32, batch=4, steps=3, eval_every=3, save_every=3, plot=False),
+                progress=False, verbose=False).train()
+    data = _write(tmp_path / "qa.jsonl", [json.dumps({"prompt": "Who made you?", "response": "The scratchlm team."})] * 4)
+    base = scratchlm.load(tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="--context 64 is longer than the base model's context of 32"):
+        Finetuner.new(FinetuneArgs(data=str(data), out=str(tmp_path / "x"), context=64), model=base)
+    before = {k: v.copy() for k, v in base.weights.items()}
+    t = Finetuner.new(FinetuneArgs(data=str(data), out=str(tmp_path / "ft"), base=str(tmp_path / "run"), rank=2,
+                                   steps=4, batch=2, context=32, lr=1e-2, plot=False), model=base,
+                      progress=False, verbose=False)
+    t.train()
+    assert all(np.array_equal(base.weights[k], v) for k, v in before.items())  # the base stayed frozen
+    assert (tmp_path / "ft" / "chat_template.jinja").read_text() == PLAIN_TEMPLATE
+    tuned = scratchlm.load(tmp_path / "run", adapter=tmp_path / "ft", progress=False)
+    assert tuned.tokenizer.chat_template == PLAIN_TEMPLATE and tuned.adapter.targets == ("qkv", "o", "up", "down")
+    reply = tuned.chat([{"role": "user", "content": "Who made you?"}], max_tokens=4, temperature=0)
+    assert isinstance(reply, str)
 
 
 def test_cli_finetune_errors(tmp_path):

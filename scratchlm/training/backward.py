@@ -144,15 +144,16 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
         x_in = act[f"layers.{i - 1}.residual_ffn"] if i else act["embedding+pos" if gpt2 else "embedding"]
 
         # --- feed-forward block: x_out = x_mid + ffn(norm(x_mid)) ---
+        d_act, d_w2, d_b2 = ops.linear_backward(dx, a["ffn_act"], L.w2, bias=gpt2 and base, weight_grad=base)  # [B,T,F]
+        d_act = lora_backward(i, "down", dx, d_act)
         if gpt2:
-            d_act, grads[p + "feed_forward.w2.weight"], grads[p + "feed_forward.w2.bias"] = ops.linear_backward(
-                dx, a["ffn_act"], L.w2, bias=True)  # [B,T,F]
             d_up = ops.gelu_tanh_backward(d_act, a["ffn_up"])  # [B,T,F]
-            dh, grads[p + "feed_forward.w1.weight"], grads[p + "feed_forward.w1.bias"] = ops.linear_backward(
-                d_up, a["ffn_norm"], L.w1, bias=True)  # [B,T,D]
+            dh, d_w1, d_b1 = ops.linear_backward(d_up, a["ffn_norm"], L.w1, bias=base, weight_grad=base)  # [B,T,D]
+            dh = lora_backward(i, "w13", d_up, dh)
+            if base:
+                grads[p + "feed_forward.w1.weight"], grads[p + "feed_forward.w1.bias"] = d_w1, d_b1
+                grads[p + "feed_forward.w2.weight"], grads[p + "feed_forward.w2.bias"] = d_w2, d_b2
         else:
-            d_act, d_w2, _ = ops.linear_backward(dx, a["ffn_act"], L.w2, weight_grad=base)  # [B,T,F]
-            d_act = lora_backward(i, "down", dx, d_act)
             d_gate, d_up = ops.swiglu_backward(d_act, a["ffn_gate"], a["ffn_up"])  # [B,T,F] each
             d_gu = xp.concat([d_gate, d_up], axis=-1)  # [B,T,2F], the layout of the fused gate/up output
             dh, d_w13, _ = ops.linear_backward(d_gu, a["ffn_norm"], L.w13, weight_grad=base)  # [B,T,D], [2F,D]
@@ -165,11 +166,11 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
         # --- attention block: x_mid = x_in + wo(attention(rope(wqkv(norm(x_in))))) ---
         heads = a["heads"]  # [B,H,T,Hd]
         a_cat = xp.reshape(xp.permute_dims(heads, (0, 2, 1, 3)), (B, T, H * Hd))  # [B,H,T,Hd] -> [B,T,H*Hd]
-        d_cat, d_wo, d_bo = ops.linear_backward(dx, a_cat, L.wo, bias=gpt2, weight_grad=base)  # [B,T,H*Hd]
+        d_cat, d_wo, d_bo = ops.linear_backward(dx, a_cat, L.wo, bias=gpt2 and base, weight_grad=base)  # [B,T,H*Hd]
         d_cat = lora_backward(i, "o", dx, d_cat)
         if base:
             grads[p + "attention.wo.weight"] = d_wo
-        if gpt2:
+        if gpt2 and base:
             grads[p + "attention.wo.bias"] = d_bo
         d_heads = xp.permute_dims(xp.reshape(d_cat, (B, T, H, Hd)), (0, 2, 1, 3))  # [B,T,H*Hd] -> [B,H,T,Hd]
         q, k = (a["q"], a["k"]) if gpt2 else (a["q_rope"], a["k_rope"])  # what attention saw: [B,T,H|K,Hd]
@@ -184,7 +185,8 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
             d_qk = ops.rope_backward(d_qk, cos, sin)  # un-rotate queries and keys together
         d_qkv = xp.concat([d_qk, xp.permute_dims(dv, (0, 2, 1, 3))], axis=2)  # [B,T,H+2K,Hd], the fused layout
         d_qkv = xp.reshape(d_qkv, (B, T, (H + 2 * K) * Hd))  # [B,T,H+2K,Hd] -> [B,T,(H+2K)*Hd]
-        dh, d_wqkv, d_bqkv = ops.linear_backward(d_qkv, a["attention_norm"], L.wqkv, bias=gpt2, weight_grad=base)  # [B,T,D]
+        dh, d_wqkv, d_bqkv = ops.linear_backward(d_qkv, a["attention_norm"], L.wqkv, bias=gpt2 and base,
+                                                 weight_grad=base)  # [B,T,D]
         dh = lora_backward(i, "qkv", d_qkv, dh)
         nq, nk = H * Hd, K * Hd
         for n, lo, hi in (("wq", 0, nq), ("wk", nq, nq + nk), ("wv", nq + nk, nq + 2 * nk)) if base else ():

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import FormatError, PromptError
 from . import checkpoint as ck
-from .lora import TARGETS, LoRA, adapter_summary, parse_targets
+from .lora import TEMPLATE_NAME, LoRA, adapter_summary
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
 from .parallel import keep_freed_memory, sharded_loss_and_grads, usable_cores
 from .trainer import RunLog
@@ -105,12 +105,23 @@ def template_roles(template: str) -> set[str]:
                               or f'"{r}"' in template}
 
 
+def training_template(tokenizer) -> str:
+    """The chat format to fine-tune in: the model's own template; Llama 3's for a Meta directory; for a
+    model with none (GPT-2), chat.PLAIN_TEMPLATE, which the run then saves beside the adapter."""
+    from ..chat import PLAIN_TEMPLATE, _fallback_template
+
+    try:
+        return getattr(tokenizer, "chat_template", None) or _fallback_template(tokenizer)
+    except PromptError:  # "this model has no chat template"
+        return PLAIN_TEMPLATE
+
+
 def encode_example(tokenizer, messages: list[dict], where: str, template: str | None = None):
     """(ids, mask) of one conversation: mask[t] = 1 where token t belongs to an assistant turn."""
-    from ..chat import _fallback_template, encode_chat
+    from ..chat import encode_chat
 
     if template is None:
-        template = getattr(tokenizer, "chat_template", None) or _fallback_template(tokenizer)
+        template = training_template(tokenizer)
     roles = template_roles(template)
     for m in messages:
         if m["role"] not in roles:
@@ -213,7 +224,7 @@ class FinetuneArgs:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    targets: str = ",".join(TARGETS)
+    targets: str = "all"  # "all": every projection of the base (lora.all_targets)
     epochs: int = 3
     steps: int = 0  # 0 = epochs * rows/batch
     lr: float = 2e-4
@@ -242,7 +253,8 @@ class FinetuneArgs:
             raise ValueError(f"--threads must be a non-negative integer, got {self.threads!r}")
         if not self.threads:
             self.threads = usable_cores()  # fixed now and saved, so a resume shards (and drops out) alike
-        self.targets = ",".join(parse_targets(self.targets))
+        if not isinstance(self.targets, str) or not self.targets.strip(","):
+            raise ValueError(f"--targets must name projections (or all), got {self.targets!r}")
 
 
 def read_tensors(path) -> dict:
@@ -271,6 +283,8 @@ class Finetuner(RunLog):
         self._log = None
         self._perms: dict[int, np.ndarray] = {}
         self._lock = ck.lock_run(self.run_dir)
+        # a base without a chat template was trained in training_template's format: the adapter keeps it
+        self.chat_template = None if getattr(model.tokenizer, "chat_template", None) else training_template(model.tokenizer)
         keep_freed_memory()
 
     # --- construction -----------------------------------------------------------------------
@@ -290,12 +304,16 @@ class Finetuner(RunLog):
             raise FormatError(f"{out}: already holds a fine-tuning run; use --resume {out} or another --out")
         if model is None:
             model = cls._load_base(args)
-        rows, masks, report = load_rows(args.data, model.tokenizer, args.context)
+        if args.context > model.config.max_seq_len:
+            raise ValueError(f"--context {args.context} is longer than the base model's context of "
+                             f"{model.config.max_seq_len} tokens")
         if args.base is None:
             from .. import assets
             args.base = str(assets.default_model_path())
         lora = LoRA(model.config, rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
-                    seed=args.seed, base_name=model.info.get("name") or str(args.base))
+                    seed=args.seed, base_name=model.info.get("name") or str(args.base))  # checks targets and rank
+        args.targets = ",".join(lora.targets)  # "all" made explicit for this base
+        rows, masks, report = load_rows(args.data, model.tokenizer, args.context)
         ck.atomic_write_json(out / MARKER, {"format": "scratchlm-finetune", "version": 1,
                                             "args": dataclasses.asdict(args)})
         (out / ck.LOG_NAME).write_bytes(b"")
@@ -321,6 +339,9 @@ class Finetuner(RunLog):
         ck.check_writable(run_dir)
         if model is None:
             model = cls._load_base(args)
+        if args.context > model.config.max_seq_len:
+            raise ValueError(f"--context {args.context} is longer than the base model's context of "
+                             f"{model.config.max_seq_len} tokens")
         rows, masks, report = load_rows(args.data, model.tokenizer, args.context)
         ckpt = ck.latest_checkpoint(run_dir)
         weights = None
@@ -373,7 +394,7 @@ class Finetuner(RunLog):
     def save(self) -> Path:
         state = {"log_bytes": self.sync_log()}
         ckpt = ck.save_checkpoint(self.run_dir, self.step, self.lora.params, self.opt, state)
-        self.lora.save(self.run_dir)  # the PEFT adapter, usable at once
+        self.lora.save(self.run_dir, chat_template=self.chat_template)  # the PEFT adapter, usable at once
         return ckpt
 
     # --- the loop ------------------------------------------------------------------------------
@@ -411,5 +432,5 @@ class Finetuner(RunLog):
         if a.plot:
             self.plot()
         if not (self.run_dir / "adapter_config.json").exists():
-            self.lora.save(self.run_dir)
+            self.lora.save(self.run_dir, chat_template=self.chat_template)
         return {"step": self.step, "loss": r.get("loss"), "out": str(self.run_dir)}

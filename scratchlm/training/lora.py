@@ -16,8 +16,13 @@ updates what the forward uses (the same trick as the model's own fused weights).
 q/k rows: like the model's weights, lora_B of q and k is kept in Meta's interleaved RoPE order;
 PEFT files store Hugging Face's rotate-half order, converted on save/load with formats/permute.py.
 
+GPT-2 projects q, k and v with one matrix (Hugging Face's `c_attn`), so its adapters are on that matrix
+as a whole (target "qkv": one A [r, D], one B [3D, r]), as PEFT puts them; its other targets are o
+(attn.c_proj), up (mlp.c_fc) and down (mlp.c_proj).
+
 Files: Hugging Face PEFT format, `adapter_config.json` + `adapter_model.safetensors` with keys
-`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` etc., so PEFT loads our adapters on
+`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (Llama) or
+`base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight` (GPT-2), so PEFT loads our adapters on
 the transformers model, and we load PEFT adapters trained elsewhere.
 """
 
@@ -35,53 +40,81 @@ from .. import ops
 from ..config import ModelConfig
 from ..errors import FormatError, ModelNotFoundError, UnsupportedError
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-META_NAME = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo",
-             "gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}
-# the fused base matmul each target adds to (model.py): qkv = x @ wqkv.T, gu = x @ w13.T, ...
-GROUP = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "w13", "up": "w13", "down": "down"}
+# Per architecture, each target: (the fused group it adds to in model.py, the name stem of its
+# parameters, the module path of its PEFT keys). Groups: qkv = x @ wqkv.T, o = wo, w13 = the FFN's input
+# projection (Llama's fused gate/up, GPT-2's c_fc), down = the FFN's output projection.
+_SPECS = {
+    "llama": {"q": ("qkv", "attention.wq", "self_attn.q_proj"), "k": ("qkv", "attention.wk", "self_attn.k_proj"),
+              "v": ("qkv", "attention.wv", "self_attn.v_proj"), "o": ("o", "attention.wo", "self_attn.o_proj"),
+              "gate": ("w13", "feed_forward.w1", "mlp.gate_proj"), "up": ("w13", "feed_forward.w3", "mlp.up_proj"),
+              "down": ("down", "feed_forward.w2", "mlp.down_proj")},
+    "gpt2": {"qkv": ("qkv", "attention.wqkv", "attn.c_attn"), "o": ("o", "attention.wo", "attn.c_proj"),
+             "up": ("w13", "feed_forward.w1", "mlp.c_fc"), "down": ("down", "feed_forward.w2", "mlp.c_proj")},
+}
+_PEFT_PREFIX = {"llama": "base_model.model.model.layers.", "gpt2": "base_model.model.transformer.h."}
+TARGETS = tuple(_SPECS["llama"])
 GROUPS = ("qkv", "o", "w13", "down")
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight")
-_HF_TO_TARGET = {v.split(".")[1]: k for k, v in HF_MODULE.items()}  # q_proj -> q
+TEMPLATE_NAME = "chat_template.jinja"  # the chat format of the training data, saved when the base has none
+_PEFT_KEY = re.compile(r"base_model\.model\.(?:model\.layers|transformer\.h)\.(\d+)\.([\w.]+)\.lora_([AB])\.weight")
 
 
-def parse_targets(spec) -> tuple[str, ...]:
-    """"q,k,v" (or a list; HF names like q_proj accepted too) -> targets in canonical order."""
+def _spec(cfg: ModelConfig) -> dict:
+    if cfg.arch not in _SPECS:
+        raise UnsupportedError(f"LoRA supports Llama and GPT-2 models; this model is {cfg.arch}")
+    return _SPECS[cfg.arch]
+
+
+def all_targets(cfg: ModelConfig) -> tuple[str, ...]:
+    """Every projection an adapter can go on, for this base: q,k,v,o,gate,up,down (Llama), qkv,o,up,down (GPT-2)."""
+    return tuple(_spec(cfg))
+
+
+def parse_targets(spec, cfg: ModelConfig) -> tuple[str, ...]:
+    """"q,k,v" (or a list) -> this base's targets in canonical order. Hugging Face module names are accepted
+    too (q_proj, c_attn; GPT-2's c_proj means both attn.c_proj and mlp.c_proj, as in PEFT); None or "all":
+    every target; "qkv" on Llama: q, k and v."""
+    spec_t = _spec(cfg)
+    names = ",".join(spec_t)
+    if spec is None or spec == "all":
+        return tuple(spec_t)
+    aliases = {}
+    for t, (_, _, hf) in spec_t.items():
+        aliases.setdefault(hf.split(".")[-1], []).append(t)  # q_proj -> q; c_proj -> o, down
+        aliases[hf] = [t]
+    if cfg.arch == "llama":
+        aliases["qkv"] = ["q", "k", "v"]
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     out = set()
     for t in items:
         t = str(t).strip()
         if not t:
             continue
-        t = _HF_TO_TARGET.get(t, t)
-        if t not in TARGETS:
-            raise ValueError(f"unknown LoRA target {t!r}: choose from {','.join(TARGETS)}")
-        out.add(t)
+        if t not in spec_t and t not in aliases:
+            hint = " (GPT-2 projects q, k and v with one matrix: use qkv)" if cfg.arch == "gpt2" and t in "qkv" else ""
+            raise ValueError(f"unknown LoRA target {t!r} for a {cfg.arch} base: choose from {names}{hint}")
+        out.update([t] if t in spec_t else aliases[t])
     if not out:
-        raise ValueError(f"no LoRA targets given: choose from {','.join(TARGETS)}")
-    return tuple(t for t in TARGETS if t in out)
+        raise ValueError(f"no LoRA targets given: choose from {names}")
+    return tuple(t for t in spec_t if t in out)
 
 
 def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of each target projection."""
+    """(out, in) of each target projection of this base."""
     D, F, q, kv = cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    if _spec(cfg) is _SPECS["gpt2"]:
+        return {"qkv": (q + 2 * kv, D), "o": (D, q), "up": (F, D), "down": (D, F)}
     return {"q": (q, D), "k": (kv, D), "v": (kv, D), "o": (D, q), "gate": (F, D), "up": (F, D), "down": (D, F)}
 
 
 def _row_offsets(cfg: ModelConfig) -> dict[str, int]:
     """First output row of each target inside its fused group's output."""
+    if cfg.arch == "gpt2":
+        return dict.fromkeys(_SPECS["gpt2"], 0)
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     return {"q": 0, "k": q, "v": q + kv, "o": 0, "gate": 0, "up": cfg.ffn_dim, "down": 0}
-
-
-def _check_arch(cfg: ModelConfig) -> None:
-    if cfg.arch != "llama":
-        raise UnsupportedError(f"LoRA supports Llama-architecture models (Llama 3, SmolLM2); this model is {cfg.arch}")
 
 
 class _Group:
@@ -103,9 +136,9 @@ class LoRA:
     """
 
     def __init__(self, cfg: ModelConfig, *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 targets=TARGETS, layers=None, use_rslora: bool = False, seed: int = 0, weights: dict | None = None,
+                 targets=None, layers=None, use_rslora: bool = False, seed: int = 0, weights: dict | None = None,
                  base_name: str | None = None):
-        _check_arch(cfg)
+        spec = _spec(cfg)
         rank = int(rank)
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
@@ -114,7 +147,7 @@ class LoRA:
         if not (0.0 <= float(dropout) < 1.0):
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         self.config, self.rank, self.alpha, self.dropout = cfg, rank, float(alpha), float(dropout)
-        self.targets = parse_targets(targets)
+        self.targets = parse_targets(targets, cfg)
         self.layers = tuple(range(cfg.n_layers)) if layers is None else tuple(sorted(set(int(i) for i in layers)))
         self.use_rslora = bool(use_rslora)
         # rsLoRA (PEFT's use_rslora) scales by alpha/sqrt(r) so that larger ranks still learn
@@ -131,13 +164,13 @@ class LoRA:
                                  f"(at most {min(out, inp)})")
         init = np.random.default_rng(seed)
         rows = _row_offsets(cfg)
-        width = {"qkv": (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, "o": cfg.dim, "w13": 2 * cfg.ffn_dim,
-                 "down": cfg.dim}  # the fused output of each group
+        width = {"qkv": (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, "o": cfg.dim,
+                 "w13": cfg.ffn_dim * (1 if cfg.arch == "gpt2" else 2), "down": cfg.dim}  # the fused output of each group
         self.params: dict[str, np.ndarray] = {}
         self.groups: list[dict[str, _Group]] = [{} for _ in range(cfg.n_layers)]
         for i in self.layers:
             for g in GROUPS:
-                ts = [t for t in self.targets if GROUP[t] == g]
+                ts = [t for t in self.targets if spec[t][0] == g]
                 if not ts:
                     continue
                 inp = shapes[ts[0]][1]
@@ -146,7 +179,7 @@ class LoRA:
                 parts = []
                 for j, t in enumerate(ts):
                     out = shapes[t][0]
-                    name = f"layers.{i}.{META_NAME[t]}"
+                    name = f"layers.{i}.{spec[t][1]}"
                     a = A[j * rank:(j + 1) * rank]  # a view: updates to the parameter reach the stack
                     b = Bg[rows[t]:rows[t] + out, j * rank:(j + 1) * rank]  # [out, r], a view of its block
                     if weights is None:
@@ -225,7 +258,7 @@ class LoRA:
         du *= s
         dA = du.T @ x2  # [n*r,N] @ [N,in] -> [n*r,in]: every A of the group in one matmul
         for j, (lo, hi) in enumerate(g.parts):
-            name = f"layers.{i}.{_name_of(self, group, j)}"
+            name = f"layers.{i}.{self._stem(group, j)}"
             grads[name + ".lora_B"] = dB[lo:hi, j * r:(j + 1) * r] * s  # [out,r]
             grads[name + ".lora_A"] = dA[j * r:(j + 1) * r]  # [r,in]
         dx = (du @ g.A).reshape(xd.shape)  # [N,n*r] @ [n*r,in] -> [N,in] -> [B,T,in]
@@ -235,26 +268,37 @@ class LoRA:
             dx *= keep
         return dx
 
+    def _stem(self, group: str, j: int) -> str:
+        """The parameter name stem of the j-th target of `group` ("attention.wk" for the k of qkv)."""
+        spec = _SPECS[self.config.arch]
+        return spec[[t for t in self.targets if spec[t][0] == group][j]][1]
+
     def merge_into(self, model) -> None:
-        """Add s * B @ A to the model's weights in place (then the model needs no adapter) and detach."""
+        """Add s * B @ A to the model's weights in place (then the model needs no adapter) and detach.
+
+        Group by group: the block-diagonal B of a group times its stacked A is exactly the sum of each
+        target's B @ A in its own rows, added to the fused base matrix (the canonical weights are views)."""
         check_fits(self, model.config)
-        W = model.weights
-        for name in self.params:
-            if name.endswith(".lora_A"):
-                base = name[:-len(".lora_A")]
-                A, B = self.params[name], self.params[base + ".lora_B"]
-                w = W[base + ".weight"]
-                w += (B @ A) * np.float32(self.scale)  # [out,r] @ [r,in] -> [out,in]; in place through fused views
+        for i, groups in enumerate(self.groups):
+            L = model.layers[i]
+            fused = {"qkv": L.wqkv, "o": L.wo, "w13": L.w1 if model.config.arch == "gpt2" else L.w13, "down": L.w2}
+            for name, g in groups.items():
+                fused[name] += (g.B @ g.A) * np.float32(self.scale)  # [out_all,n*r] @ [n*r,in] -> [out_all,in]
         if getattr(model, "adapter", None) is self:
             model.adapter = None
 
     # --- PEFT files -------------------------------------------------------------------------
 
     def peft_config(self) -> dict:
+        spec, gpt2 = _SPECS[self.config.arch], self.config.arch == "gpt2"
+        # Llama: leaf names (q_proj); GPT-2: attn.c_proj and mlp.c_proj share a leaf name, so the full path.
+        # PEFT matches a target module by the end of its name either way.
+        modules = sorted(spec[t][2] if gpt2 else spec[t][2].split(".")[1] for t in self.targets)
         return {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.rank, "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout, "target_modules": sorted(HF_MODULE[t].split(".")[1] for t in self.targets),
-            "bias": "none", "base_model_name_or_path": self.base_name, "fan_in_fan_out": False,
+            "lora_dropout": self.dropout, "target_modules": modules,
+            # GPT-2's Conv1D layers store W as [in, out]: PEFT marks them fan_in_fan_out (A and B keep their shapes)
+            "bias": "none", "base_model_name_or_path": self.base_name, "fan_in_fan_out": gpt2,
             "inference_mode": True, "init_lora_weights": True, "use_rslora": self.use_rslora, "use_dora": False,
             "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
             "layers_to_transform": None if len(self.layers) == self.config.n_layers else list(self.layers),
@@ -267,15 +311,17 @@ class LoRA:
         from ..formats.permute import meta_to_hf
 
         cfg, out = self.config, {}
+        spec, prefix = _SPECS[cfg.arch], _PEFT_PREFIX[cfg.arch]
         for name, a in (self.params if tensors is None else tensors).items():
-            i, t, ab = _split_name(name)
-            if ab == "B" and t in ("q", "k"):
+            i, t, ab = _split_name(name, cfg)
+            if ab == "B" and t in ("q", "k") and cfg.arch == "llama":
                 a = meta_to_hf(a, cfg.n_heads if t == "q" else cfg.n_kv_heads, cfg.head_dim)
-            out[f"base_model.model.model.layers.{i}.{HF_MODULE[t]}.lora_{ab}.weight"] = np.ascontiguousarray(a)
+            out[f"{prefix}{i}.{spec[t][2]}.lora_{ab}.weight"] = np.ascontiguousarray(a)
         return out
 
-    def save(self, out_dir) -> Path:
-        """Write adapter_config.json and adapter_model.safetensors into out_dir (atomic writes)."""
+    def save(self, out_dir, chat_template: str | None = None) -> Path:
+        """Write adapter_config.json and adapter_model.safetensors into out_dir (atomic writes), and
+        chat_template.jinja when given (the format the adapter was trained in, for a base that has none)."""
         from safetensors.numpy import save
 
         from .checkpoint import atomic_write, atomic_write_json
@@ -284,29 +330,27 @@ class LoRA:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / WEIGHTS_NAME, save(self.peft_tensors(), metadata={"format": "pt"}))
         atomic_write_json(out / CONFIG_NAME, self.peft_config())
+        if chat_template:
+            atomic_write(out / TEMPLATE_NAME, chat_template.encode())
         return out
 
 
-def _name_of(lora: LoRA, group: str, j: int) -> str:
-    ts = [t for t in lora.targets if GROUP[t] == group]
-    return META_NAME[ts[j]]
-
-
-_META_TO_TARGET = {v: k for k, v in META_NAME.items()}
-
-
-def _split_name(name: str) -> tuple[int, str, str]:
+def _split_name(name: str, cfg: ModelConfig) -> tuple[int, str, str]:
     """"layers.3.attention.wq.lora_B" -> (3, "q", "B")."""
     parts = name.split(".")
-    return int(parts[1]), _META_TO_TARGET[".".join(parts[2:4])], parts[4][-1]
+    stems = {v[1]: t for t, v in _SPECS[cfg.arch].items()}
+    return int(parts[1]), stems[".".join(parts[2:4])], parts[4][-1]
 
 
 def check_fits(lora: LoRA, cfg: ModelConfig) -> None:
-    """One-line error when the adapters were made for a different base (layer count or any shape)."""
-    _check_arch(cfg)
+    """One-line error when the adapters were made for a different base (architecture, layer count or any shape)."""
+    _spec(cfg)
+    if lora.config.arch != cfg.arch:
+        raise FormatError(f"the adapter does not match the base model: it was made for a {lora.config.arch} "
+                          f"model, the base is {cfg.arch}")
     shapes = target_shapes(cfg)
     for name, a in lora.params.items():
-        i, t, ab = _split_name(name)
+        i, t, ab = _split_name(name, cfg)
         out, inp = shapes[t]
         want = (lora.rank, inp) if ab == "A" else (out, lora.rank)
         if i >= cfg.n_layers or tuple(a.shape) != want:
@@ -325,9 +369,8 @@ def _read_config(path: Path) -> dict:
         raise FormatError(f"{path}: not a JSON object")
     if c.get("peft_type", "LORA") != "LORA":
         raise UnsupportedError(f"{path}: peft_type {c.get('peft_type')!r} is not supported (only LORA)")
-    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
-        if c.get(key) == bad:
-            raise UnsupportedError(f"{path}: {key}={bad} is not supported")
+    if c.get("use_dora"):
+        raise UnsupportedError(f"{path}: use_dora=True is not supported")
     if c.get("bias", "none") != "none":
         raise UnsupportedError(f"{path}: bias={c.get('bias')!r} is not supported (only 'none')")
     if c.get("rank_pattern") or c.get("alpha_pattern"):
@@ -348,7 +391,7 @@ def load_peft(adapter_dir, cfg: ModelConfig) -> LoRA:
     from ..formats.permute import hf_to_meta
     from ..formats.safetensors_hf import read_safetensors
 
-    _check_arch(cfg)
+    spec, prefix = _spec(cfg), _PEFT_PREFIX[cfg.arch]
     d = Path(adapter_dir)
     if not d.is_dir():
         raise ModelNotFoundError(f"{d}: no such adapter directory")
@@ -358,14 +401,15 @@ def load_peft(adapter_dir, cfg: ModelConfig) -> LoRA:
     r = c["r"]
     tensors = read_safetensors(d / WEIGHTS_NAME)
     shapes = target_shapes(cfg)
+    by_module = {v[2]: t for t, v in spec.items()}  # self_attn.q_proj -> q
     weights, targets, layers = {}, set(), set()
     for key, a in tensors.items():
         m = _PEFT_KEY.fullmatch(key)
-        t = _HF_TO_TARGET.get(m.group(3)) if m else None
-        if t is None or HF_MODULE[t].split(".")[0] != m.group(2):
-            raise FormatError(f"{d / WEIGHTS_NAME}: {key!r} is not a LoRA weight of a Llama layer "
-                              f"(expected base_model.model.model.layers.N.<q|k|v|o|gate|up|down>_proj.lora_A|B.weight)")
-        i, ab = int(m.group(1)), m.group(4)
+        t = by_module.get(m.group(2)) if m and key.startswith(prefix) else None
+        if t is None:
+            raise FormatError(f"{d / WEIGHTS_NAME}: {key!r} is not a LoRA weight of a {cfg.arch} layer (expected "
+                              f"{prefix}N.<{'|'.join(by_module)}>.lora_A|B.weight)")
+        i, ab = int(m.group(1)), m.group(3)
         if i >= cfg.n_layers:
             raise FormatError(f"the adapter does not match the base model: {key} is for layer {i}, "
                               f"the base has {cfg.n_layers} layers")
@@ -374,28 +418,37 @@ def load_peft(adapter_dir, cfg: ModelConfig) -> LoRA:
         if tuple(a.shape) != want:
             raise FormatError(f"the adapter does not match the base model: {key} has shape {list(a.shape)}, "
                               f"expected {list(want)} (r={r})")
-        if ab == "B" and t in ("q", "k"):
+        if ab == "B" and t in ("q", "k") and cfg.arch == "llama":
             a = hf_to_meta(a, cfg.n_heads if t == "q" else cfg.n_kv_heads, cfg.head_dim)
-        weights[f"layers.{i}.{META_NAME[t]}.lora_{ab}"] = a
+        weights[f"layers.{i}.{spec[t][1]}.lora_{ab}"] = a
         targets.add(t)
         layers.add(i)
     if not weights:
         raise FormatError(f"{d / WEIGHTS_NAME}: holds no LoRA weights")
+    # fan_in_fan_out describes how the base stores W ([in, out]: GPT-2's Conv1D), not A and B; on a
+    # Llama base (nn.Linear, [out, in]) it would mean a transposed update
+    if c.get("fan_in_fan_out") and cfg.arch != "gpt2":
+        raise UnsupportedError(f"{d / CONFIG_NAME}: fan_in_fan_out=True is not supported for a {cfg.arch} base")
     # every (layer, target) pair must be complete: both A and B, for each adapted layer
     for i in layers:
         for t in targets:
             for ab in "AB":
-                if f"layers.{i}.{META_NAME[t]}.lora_{ab}" not in weights:
+                if f"layers.{i}.{spec[t][1]}.lora_{ab}" not in weights:
                     raise FormatError(f"{d / WEIGHTS_NAME}: missing the lora_{ab} weight of "
-                                      f"layers.{i}.{HF_MODULE[t]} (adapters must cover the same projections in each layer)")
+                                      f"{prefix}{i}.{spec[t][2]} (adapters must cover the same projections in each layer)")
     return LoRA(cfg, rank=r, alpha=float(c.get("lora_alpha", r)), dropout=float(c.get("lora_dropout") or 0.0),
                 targets=tuple(targets), layers=sorted(layers), use_rslora=bool(c.get("use_rslora", False)),
                 weights=weights, base_name=c.get("base_model_name_or_path"))
 
 
 def load_adapter(model, adapter_dir) -> LoRA:
-    """Load a PEFT adapter directory and attach it to `model` (scratchlm.load(..., adapter=DIR))."""
+    """Load a PEFT adapter directory and attach it to `model` (scratchlm.load(..., adapter=DIR)). A base
+    without a chat template takes the adapter's chat_template.jinja, the format it was fine-tuned in."""
     lora = load_peft(adapter_dir, model.config)
+    template = Path(adapter_dir) / TEMPLATE_NAME
+    tok = model.tokenizer
+    if tok is not None and not getattr(tok, "chat_template", None) and template.is_file():
+        tok.chat_template = template.read_text(encoding="utf-8")
     return lora.attach(model)
 
 
