@@ -60,7 +60,7 @@ def side_ours(a) -> dict:
     with tempfile.TemporaryDirectory() as d:
         ft = Finetuner.new(FinetuneArgs(data=str(DATA), out=d, base=a.model, rank=a.rank, alpha=a.alpha,
                                         dropout=a.dropout, targets=TARGETS, batch=a.batch, context=a.context,
-                                        steps=a.warmup + a.steps, lr=2e-4, seed=0, plot=False),
+                                        steps=a.warmup + a.steps, lr=2e-4, seed=0, plot=False, threads=a.threads),
                            model=model, progress=False, verbose=False)
         times, losses = [], []
         for _ in range(a.warmup + a.steps):  # warm-up steps first (allocations, first-touch pages)

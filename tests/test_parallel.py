@@ -1,5 +1,6 @@
-"""The sharded training step (training/parallel.py): a batch split over threads gives the whole batch's
-loss and gradients, deterministically; LoRA dropout draws each shard's masks from its own generator."""
+"""The chunked training step (training/parallel.py): a batch cut into chunks of rows run over threads gives
+the whole batch's loss and gradients, deterministically; LoRA dropout draws each chunk's masks from its own
+generator. chunk_tokens is set small here so that these tiny batches are cut at all."""
 
 from __future__ import annotations
 
@@ -31,18 +32,18 @@ def test_shard_rows_cover_the_batch_in_near_equal_parts():
 
 
 @pytest.mark.parametrize("case", ["llama-gqa-scaled-tied", "gpt2"])
-@pytest.mark.parametrize("threads", [2, 3])
-def test_shards_give_the_whole_batch_loss_and_gradients(case, threads):
+@pytest.mark.parametrize("threads,chunk_tokens", [(1, 16), (2, 16), (2, 40), (3, 32)])
+def test_chunks_give_the_whole_batch_loss_and_gradients(case, threads, chunk_tokens):
     _, model, _ = build(case)
     ids, tgt = batch(model.config, B=5, T=16, seed=1)
     loss, grads = model.loss_and_grads(ids, tgt)
-    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, threads=threads)
+    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, threads=threads, chunk_tokens=chunk_tokens)
     assert abs(loss_s - loss) <= 1e-6 * abs(loss)
     assert grads_s.keys() == grads.keys()
     for name, g in grads.items():
         assert grads_s[name].shape == g.shape
         assert close(grads_s[name], g), name
-    again = sharded_loss_and_grads(model, ids, tgt, threads=threads)
+    again = sharded_loss_and_grads(model, ids, tgt, threads=threads, chunk_tokens=chunk_tokens)
     assert again[0] == loss_s and all(np.array_equal(again[1][n], grads_s[n]) for n in grads)  # deterministic
 
 
@@ -50,31 +51,32 @@ def test_masked_shards_weigh_by_the_targets_they_count():
     _, model, _ = build("llama-gqa-scaled-untied")
     ids, tgt = batch(model.config, B=4, T=12, seed=2)
     mask = np.zeros(ids.shape, np.int64)
-    mask[2, 3:] = 1  # shard 2 of 2 counts 9 + 2 targets, shard 1 none at all
+    mask[2, 3:] = 1  # chunk 2 of 2 counts 9 + 2 targets, chunk 1 none at all
     mask[3, :2] = 1
     loss, grads = model.loss_and_grads(ids, tgt, loss_mask=mask)
-    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, loss_mask=mask, threads=2)
+    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, loss_mask=mask, threads=2, chunk_tokens=24)
     assert abs(loss_s - loss) <= 1e-6 * abs(loss)
     for name, g in grads.items():
         assert close(grads_s[name], g), name
-    mask[1, 0] = 1  # now both shards count targets, unequally (1 and 11)
+    mask[1, 0] = 1  # now both chunks count targets, unequally (1 and 11)
     loss, grads = model.loss_and_grads(ids, tgt, loss_mask=mask)
-    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, loss_mask=mask, threads=2)
+    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, loss_mask=mask, threads=2, chunk_tokens=24)
     assert abs(loss_s - loss) <= 1e-6 * abs(loss)
     for name, g in grads.items():
         assert close(grads_s[name], g), name
 
 
-def test_one_row_or_one_thread_is_the_plain_call_and_errors_stay_one_line():
+def test_one_row_is_the_plain_call_and_errors_stay_one_line():
     _, model, _ = build("gpt2")
     ids, tgt = batch(model.config, B=1, T=8)
     loss, grads = model.loss_and_grads(ids, tgt)
-    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, threads=4)
+    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, threads=4, chunk_tokens=1)
     assert loss_s == loss and all(np.array_equal(grads_s[n], grads[n]) for n in grads)
     with pytest.raises(ValueError, match="loss_mask selects no target"):
-        sharded_loss_and_grads(model, *batch(model.config, B=2, T=8), loss_mask=np.zeros((2, 8)), threads=2)
+        sharded_loss_and_grads(model, *batch(model.config, B=2, T=8), loss_mask=np.zeros((2, 8)), threads=2,
+                               chunk_tokens=8)
     with pytest.raises(ValueError, match="target_ids has shape"):
-        sharded_loss_and_grads(model, ids.repeat(2, 0), tgt, threads=2)
+        sharded_loss_and_grads(model, ids.repeat(2, 0), tgt, threads=2, chunk_tokens=8)
 
 
 def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_deterministic(tmp_path):
@@ -87,7 +89,7 @@ def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_determinis
     rng = np.random.default_rng(4)
     ids, tgt = rng.integers(0, 256, (4, 10)), rng.integers(0, 256, (4, 10))
     loss, grads = model.loss_and_grads(ids, tgt, wrt="adapters")
-    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2)
+    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2, chunk_tokens=10)
     assert abs(loss_s - loss) <= 1e-6 * abs(loss)
     assert grads_s.keys() == grads.keys() == lora.params.keys()
     for name, g in grads.items():
@@ -97,7 +99,7 @@ def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_determinis
     runs = []
     for _ in range(2):
         lora.rng = np.random.default_rng(7)
-        runs.append(sharded_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2))
+        runs.append(sharded_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2, chunk_tokens=10))
     assert runs[0][0] == runs[1][0] and abs(runs[0][0] - loss) > 1e-6  # the same masks again; not the dropout-free loss
     assert all(np.array_equal(runs[0][1][n], runs[1][1][n]) for n in grads)
     lora.training = False
