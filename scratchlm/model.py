@@ -129,6 +129,8 @@ class Model:
         how `scratchlm explain` observes this very forward. Returns [B, T, V] (or [B, 1, V]).
         """
         rec = recorder  # one None check per recording point when off
+        # a recorder may say it drops the attention scores (the backward's does): then they are not copied out
+        keep_scores = getattr(rec, "wants_scores", True)
         ad = self.adapter  # LoRA: adds s * (x @ A.T) @ B.T into each adapted projection's output
         xp, cfg = self.xp, self.config
         ids = xp.asarray(ids)
@@ -187,7 +189,7 @@ class Model:
             v = xp.permute_dims(v, (0, 2, 1, 3))  # [B,T,K,Hd] -> [B,K,T,Hd]
             if cache is not None:
                 k, v = cache.update(i, k, v, start_pos)  # [B,K,S,Hd] each
-            a = ops.attention(q, k, v, mask, record=r)  # [B,H,T,Hd]
+            a = ops.attention(q, k, v, mask, record=r, record_scores=keep_scores)  # [B,H,T,Hd]
             if r is not None:
                 r("heads", a)  # per-head outputs [B,H,T,Hd]
             a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (B, T, H * Hd))  # [B,H,T,Hd] -> [B,T,H*Hd]

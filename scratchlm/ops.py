@@ -271,25 +271,25 @@ def causal_mask(T: int, S: int) -> np.ndarray:
     return np.where(visible, 0.0, -np.inf).astype(np.float32)
 
 
-def attention(q, k, v, mask=None, record=None):
+def attention(q, k, v, mask=None, record=None, record_scores: bool = True):
     """Causal grouped-query attention.
 
     q: [B, H, T, Hd]; k, v: [B, K, S, Hd] (S = cached + new positions); mask: [T, S] additive or None
     (None when every key is visible, as for a single new token). Query head h reads kv head h // G.
-    Returns [B, H, T, Hd]. `record(name, array)`, when given, receives the scaled scores and the
+    Returns [B, H, T, Hd]. `record(name, array)`, when given, receives the scaled scores (unless
+    record_scores=False: they cost a copy, and the backward needs only the probabilities) and the
     probabilities, both [B, H, T, S].
     """
     xp = array_namespace(q)
     B, H, T, Hd = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
-    qg = xp.reshape(q, (B, K, G, T, Hd))  # [B,H,T,Hd] -> [B,K,G,T,Hd]: heads sharing a kv head side by side
+    qg = xp.reshape(q * (1.0 / math.sqrt(Hd)), (B, K, G, T, Hd))  # [B,H,T,Hd] -> [B,K,G,T,Hd], scaled here: Hd < S
     kt = xp.permute_dims(k, (0, 1, 3, 2))[:, :, None]  # [B,K,S,Hd] -> [B,K,1,Hd,S]
-    scores = qg @ kt  # [B,K,G,T,Hd] @ [B,K,1,Hd,S] -> [B,K,G,T,S], a fresh array: scaled in place
-    scores *= 1.0 / math.sqrt(Hd)
+    scores = qg @ kt  # [B,K,G,T,Hd] @ [B,K,1,Hd,S] -> [B,K,G,T,S]: (q/sqrt(Hd)) . k, a fresh array
     if mask is not None:
         scores += mask  # -inf on future positions
-    if record is not None:
+    if record is not None and record_scores:
         record("scores", xp.reshape(xp.asarray(scores, copy=True), (B, H, T, S)))  # [B,K,G,T,S] -> [B,H,T,S]
     p = softmax(scores, axis=-1, inplace=True)  # [B,K,G,T,S], in the scores' memory
     if record is not None:
@@ -316,13 +316,15 @@ def attention_backward(dout, q, k, v, probs):
     qg = xp.reshape(q, (B, K, G * T, Hd))  # [B,H,T,Hd] -> [B,K,G*T,Hd]
     dv = xp.permute_dims(p, (0, 1, 3, 2)) @ do  # [B,K,S,G*T] @ [B,K,G*T,Hd] -> [B,K,S,Hd]
     dp = do @ xp.permute_dims(v, (0, 1, 3, 2))  # [B,K,G*T,Hd] @ [B,K,Hd,S] -> [B,K,G*T,S]
-    # softmax backward, in place on the fresh dp: p * (dp - sum(dp * p)), times the scores' scale
+    # softmax backward, in place on the fresh dp: p * (dp - sum(dp * p))
     ds = dp
     ds -= xp.vecdot(dp, p)[..., None]  # [B,K,G*T,S] - [B,K,G*T,1]: sum over S of dp*p, one dot per row
     ds *= p
-    ds *= scale  # the scores were (q @ k^T) * scale
+    # the scores were (q @ k^T) * scale: the scale goes on dq and dk, [.., Hd] wide where ds is [.., S]
     dq = ds @ k  # [B,K,G*T,S] @ [B,K,S,Hd] -> [B,K,G*T,Hd]
+    dq *= scale
     dk = xp.permute_dims(ds, (0, 1, 3, 2)) @ qg  # [B,K,S,G*T] @ [B,K,G*T,Hd] -> [B,K,S,Hd]
+    dk *= scale
     return xp.reshape(dq, (B, H, T, Hd)), dk, dv
 
 

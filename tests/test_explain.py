@@ -112,9 +112,9 @@ def test_recorder_off_adds_no_work(tiny, monkeypatch):
     seen = []
     real = ops.attention
 
-    def spy(q, k, v, mask=None, record=None):
+    def spy(q, k, v, mask=None, record=None, record_scores=True):
         seen.append(record)
-        return real(q, k, v, mask, record=record)
+        return real(q, k, v, mask, record=record, record_scores=record_scores)
 
     monkeypatch.setattr(ops, "attention", spy)
     calls = []

@@ -86,6 +86,8 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
         if name in keep:
             act[name] = a
 
+    recorder.wants_scores = False  # the backward needs the probabilities only
+
     grads = {}
     if mask is None:
         logits = model.forward(ids, recorder=recorder)  # [B,T,V]
