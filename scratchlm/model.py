@@ -32,10 +32,15 @@ def to_numpy(x) -> np.ndarray:
 # What a forward recorder receives, in order (layer names are prefixed "layers.{i}.").
 RECORDED = {
     "start": ("tokens", "embedding", "pos_embedding", "embedding+pos", "rope.inv_freq", "rope.cos", "rope.sin", "mask"),
-    "layer": ("attention_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "heads", "attention_output",
+    "layer": ("attention_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "probs.blocks", "heads",
+              "attention_output",
               "residual_attention", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_down", "residual_ffn"),
     "end": ("norm", "logits"),
 }
+
+
+# Query rows per block of ops.causal_attention (training and other whole-sequence forwards).
+ATTENTION_BLOCK = 64
 
 
 class _Layer:
@@ -56,6 +61,7 @@ class Model:
         self.weights = dict(weights)
         self.xp = array_namespace(self.weights["tok_embeddings.weight"])
         self.adapter = None  # LoRA adapters (training/lora.py) the forward adds to its projections, or None
+        self.attention_block = ATTENTION_BLOCK
         self._inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._build_layers()
 
@@ -160,6 +166,9 @@ class Model:
                 rec("rope.sin", sin)
         # a single new token sees every cached position: no mask needed
         mask = None if T == 1 else xp.asarray(ops.causal_mask(T, S))  # [T,S]
+        # a whole sequence from position 0 (training, evaluation) skips the masked future block by block,
+        # unless a recorder wants the full [T, S] scores and probabilities (explain)
+        blocked = cache is None and start_pos == 0 and T > self.attention_block and (rec is None or not keep_scores)
         if rec is not None and mask is not None:
             rec("mask", mask)
 
@@ -189,7 +198,12 @@ class Model:
             v = xp.permute_dims(v, (0, 2, 1, 3))  # [B,T,K,Hd] -> [B,K,T,Hd]
             if cache is not None:
                 k, v = cache.update(i, k, v, start_pos)  # [B,K,S,Hd] each
-            a = ops.attention(q, k, v, mask, record=r, record_scores=keep_scores)  # [B,H,T,Hd]
+            if blocked:  # a whole sequence: its future is never computed
+                a, probs = ops.causal_attention(q, k, v, self.attention_block)  # [B,H,T,Hd]
+                if r is not None:
+                    r("probs.blocks", probs)
+            else:
+                a = ops.attention(q, k, v, mask, record=r, record_scores=keep_scores)  # [B,H,T,Hd]
             if r is not None:
                 r("heads", a)  # per-head outputs [B,H,T,Hd]
             a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (B, T, H * Hd))  # [B,H,T,Hd] -> [B,T,H*Hd]

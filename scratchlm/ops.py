@@ -298,6 +298,70 @@ def attention(q, k, v, mask=None, record=None, record_scores: bool = True):
     return xp.reshape(out, (B, H, T, Hd))
 
 
+def causal_attention(q, k, v, block: int = 64):
+    """Causal attention of a whole sequence (no cache: T == S), one block of query rows at a time.
+
+    Block [a, b) reads keys [0, b) only, so the future (the upper triangle, all -inf) is never computed:
+    for T = n blocks that is (n+1)/2n of the full [T, T] work (3/4 at T=128, 5/8 at T=256), and only the
+    block's diagonal square needs the mask. The same numbers as attention() with the causal mask.
+
+    q: [B, H, T, Hd]; k, v: [B, K, T, Hd]  ->  (out [B, H, T, Hd], probs: one [B, K, G, b-a, b] per block,
+    what causal_attention_backward needs).
+    """
+    xp = array_namespace(q)
+    B, H, T, Hd = q.shape
+    K = k.shape[1]
+    G = H // K
+    qg = xp.reshape(q * (1.0 / math.sqrt(Hd)), (B, K, G, T, Hd))  # [B,H,T,Hd] -> [B,K,G,T,Hd], scaled
+    kt = xp.permute_dims(k, (0, 1, 3, 2))[:, :, None]  # [B,K,T,Hd] -> [B,K,1,Hd,T]
+    vg = v[:, :, None]  # [B,K,1,T,Hd]
+    tri = xp.asarray(causal_mask(block, block))  # [block, block]: the diagonal square's mask
+    outs, probs = [], []
+    for a in range(0, T, block):
+        b = min(a + block, T)
+        s = qg[:, :, :, a:b] @ kt[..., :b]  # [B,K,G,b-a,Hd] @ [B,K,1,Hd,b] -> [B,K,G,b-a,b]
+        s[..., a:b] += tri[:b - a, :b - a]  # the future inside the diagonal square
+        p = softmax(s, axis=-1, inplace=True)
+        outs.append(p @ vg[:, :, :, :b])  # [B,K,G,b-a,b] @ [B,K,1,b,Hd] -> [B,K,G,b-a,Hd]
+        probs.append(p)
+    out = xp.concat(outs, axis=3)  # [B,K,G,T,Hd]
+    return xp.reshape(out, (B, H, T, Hd)), probs
+
+
+def causal_attention_backward(dout, q, k, v, probs, block: int = 64):
+    """Gradients of causal_attention from dout [B, H, T, Hd], its inputs q [B, H, T, Hd], k, v [B, K, T, Hd]
+    and its per-block probabilities: (dq, dk, dv), block by block as attention_backward does it whole.
+    A block's keys [0, b) get gradient from its rows only; dk and dv add up over the blocks."""
+    xp = array_namespace(q)
+    B, H, T, Hd = q.shape
+    K = k.shape[1]
+    G = H // K
+    scale = 1.0 / math.sqrt(Hd)
+    do = xp.reshape(dout, (B, K, G, T, Hd))  # [B,H,T,Hd] -> [B,K,G,T,Hd]
+    qg = xp.reshape(q, (B, K, G, T, Hd))
+    dk = xp.zeros(k.shape, dtype=k.dtype, device=device(k))  # [B,K,T,Hd]
+    dv = xp.zeros(v.shape, dtype=v.dtype, device=device(v))
+    dqs = []
+    for j, a in enumerate(range(0, T, block)):
+        b = min(a + block, T)
+        n = G * (b - a)  # the block's rows of every query head sharing a kv head, stacked
+        p = xp.reshape(probs[j], (B, K, n, b))  # [B,K,G,b-a,b] -> [B,K,G*(b-a),b]
+        do_j = xp.reshape(do[:, :, :, a:b], (B, K, n, Hd))  # [B,K,G*(b-a),Hd]
+        q_j = xp.reshape(qg[:, :, :, a:b], (B, K, n, Hd))
+        dv[:, :, :b] += xp.permute_dims(p, (0, 1, 3, 2)) @ do_j  # [B,K,b,n] @ [B,K,n,Hd] -> [B,K,b,Hd]
+        ds = do_j @ xp.permute_dims(v[:, :, :b], (0, 1, 3, 2))  # [B,K,n,Hd] @ [B,K,Hd,b] -> [B,K,n,b]
+        ds -= xp.vecdot(ds, p)[..., None]  # softmax backward: p * (dp - sum(dp * p))
+        ds *= p
+        dq_j = ds @ k[:, :, :b]  # [B,K,n,b] @ [B,K,b,Hd] -> [B,K,n,Hd]
+        dq_j *= scale
+        dqs.append(xp.reshape(dq_j, (B, K, G, b - a, Hd)))
+        dk_j = xp.permute_dims(ds, (0, 1, 3, 2)) @ q_j  # [B,K,b,n] @ [B,K,n,Hd] -> [B,K,b,Hd]
+        dk_j *= scale
+        dk[:, :, :b] += dk_j
+    dq = xp.reshape(xp.concat(dqs, axis=3), (B, H, T, Hd))  # [B,K,G,T,Hd] -> [B,H,T,Hd]
+    return dq, dk, dv
+
+
 def attention_backward(dout, q, k, v, probs):
     """Gradients of causal grouped-query attention from dout [B, H, T, Hd], the forward's inputs
     q [B, H, T, Hd], k, v [B, K, S, Hd] and its probabilities probs [B, H, T, S]: (dq, dk, dv).

@@ -73,9 +73,12 @@ def batch(cfg, B=2, T=24, seed=0):
     return rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + ["llama-gqa-scaled-untied/blocked"])
 def test_loss_and_every_gradient_match_torch_autograd(case):
+    case, _, blocked = case.partition("/")
     m, model, to_canonical = build(case)
+    if blocked:  # causal attention block by block (ops.causal_attention), the last block partial: 24 = 7+7+7+3
+        model.attention_block = 7
     cfg = model.config
     ids, tgt = batch(cfg, B=2, T=24)
     loss, grads = model.loss_and_grads(ids, tgt)
@@ -284,6 +287,21 @@ def test_attention_backward(H, K):
     s = tq @ kk.transpose(-1, -2) / np.sqrt(Hd) + torch.tensor(ops.causal_mask(T, T), dtype=torch.float64)
     (torch.softmax(s, -1) @ vv).backward(torch.tensor(dout))
     check(ops.attention_backward(dout, q, k, v, saved["probs"]), (tq.grad, tk.grad, tv.grad))
+
+
+@pytest.mark.parametrize("H, K, T, block", [(4, 4, 9, 4), (4, 2, 16, 8), (6, 1, 5, 2), (4, 2, 6, 6)])
+def test_blocked_causal_attention_equals_the_masked_one(H, K, T, block):
+    rng = np.random.default_rng(7)
+    B, Hd = 2, 8
+    q, k, v = rng.normal(size=(B, H, T, Hd)), rng.normal(size=(B, K, T, Hd)), rng.normal(size=(B, K, T, Hd))
+    dout = rng.normal(size=(B, H, T, Hd))
+    saved = {}
+    ref = ops.attention(q, k, v, ops.causal_mask(T, T), record=lambda n, a: saved.__setitem__(n, a))
+    out, probs = ops.causal_attention(q, k, v, block)
+    assert len(probs) == -(-T // block)
+    check([out], [torch.tensor(ref)], tol=1e-12)
+    check(ops.causal_attention_backward(dout, q, k, v, probs, block),
+          [torch.tensor(g) for g in ops.attention_backward(dout, q, k, v, saved["probs"])], tol=1e-12)
 
 
 def test_linear_and_embedding_backward(monkeypatch):

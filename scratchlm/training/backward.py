@@ -18,7 +18,7 @@ from .. import ops
 from ..errors import PromptError
 
 # What the backward reads from the forward's recording (layer names are prefixed "layers.{i}.").
-_KEEP_LAYER = ("attention_norm", "q", "k", "q_rope", "k_rope", "v", "probs", "heads", "residual_attention",
+_KEEP_LAYER = ("attention_norm", "q", "k", "q_rope", "k_rope", "v", "probs", "probs.blocks", "heads", "residual_attention",
                "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "residual_ffn")
 _KEEP_OTHER = ("embedding", "embedding+pos", "rope.cos", "rope.sin", "norm")
 # what LoRA adapters record (training/lora.py), per fused group
@@ -176,12 +176,14 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
             grads[p + "attention.wo.bias"] = d_bo
         d_heads = xp.permute_dims(xp.reshape(d_cat, (B, T, H, Hd)), (0, 2, 1, 3))  # [B,T,H*Hd] -> [B,H,T,Hd]
         q, k = (a["q"], a["k"]) if gpt2 else (a["q_rope"], a["k_rope"])  # what attention saw: [B,T,H|K,Hd]
-        dq, dk, dv = ops.attention_backward(
-            d_heads,
-            xp.permute_dims(q, (0, 2, 1, 3)),  # [B,T,H,Hd] -> [B,H,T,Hd]
-            xp.permute_dims(k, (0, 2, 1, 3)),  # [B,T,K,Hd] -> [B,K,T,Hd]
-            xp.permute_dims(a["v"], (0, 2, 1, 3)),  # [B,T,K,Hd] -> [B,K,T,Hd]
-            a["probs"])  # [B,H,T,Hd], [B,K,T,Hd], [B,K,T,Hd]
+        qkv_heads = (d_heads,
+                     xp.permute_dims(q, (0, 2, 1, 3)),  # [B,T,H,Hd] -> [B,H,T,Hd]
+                     xp.permute_dims(k, (0, 2, 1, 3)),  # [B,T,K,Hd] -> [B,K,T,Hd]
+                     xp.permute_dims(a["v"], (0, 2, 1, 3)))  # [B,T,K,Hd] -> [B,K,T,Hd]
+        if "probs.blocks" in a:  # the forward went block by block (ops.causal_attention)
+            dq, dk, dv = ops.causal_attention_backward(*qkv_heads, a["probs.blocks"], model.attention_block)
+        else:
+            dq, dk, dv = ops.attention_backward(*qkv_heads, a["probs"])  # [B,H,T,Hd], [B,K,T,Hd], [B,K,T,Hd]
         d_qk = xp.concat([xp.permute_dims(dq, (0, 2, 1, 3)), xp.permute_dims(dk, (0, 2, 1, 3))], axis=2)  # [B,T,H+K,Hd]
         if not gpt2:
             d_qk = ops.rope_backward(d_qk, cos, sin)  # un-rotate queries and keys together
