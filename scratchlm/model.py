@@ -275,12 +275,13 @@ class Model:
 
     # --- training (see training/backward.py) --------------------------------------------------
 
-    def loss_and_grads(self, input_ids, target_ids, loss_mask=None, wrt: str = "all"):
+    def loss_and_grads(self, input_ids, target_ids, loss_mask=None, wrt: str = "all", grad_scale: float = 1.0):
         """Mean cross-entropy of target_ids [B, T] given input_ids [B, T], and its gradient for every
         weight: (loss: float, grads keyed and shaped like `self.weights`). See training/backward.py
-        (loss_mask: only some targets count; wrt="adapters": gradients of the LoRA adapters only)."""
+        (loss_mask: only some targets count; wrt="adapters": gradients of the LoRA adapters only;
+        grad_scale: gradients of grad_scale * loss)."""
         from .training.backward import loss_and_grads
-        return loss_and_grads(self, input_ids, target_ids, loss_mask=loss_mask, wrt=wrt)
+        return loss_and_grads(self, input_ids, target_ids, loss_mask=loss_mask, wrt=wrt, grad_scale=grad_scale)
 
     # --- generation (see generate.py and chat.py) --------------------------------------------
 

@@ -103,3 +103,13 @@ def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_determinis
     assert runs[0][0] == runs[1][0] and abs(runs[0][0] - loss) > 1e-6  # the same masks again; not the dropout-free loss
     assert all(np.array_equal(runs[0][1][n], runs[1][1][n]) for n in grads)
     lora.training = False
+
+
+def test_grad_scale_scales_every_gradient_and_not_the_loss():
+    _, model, _ = build("gpt2")
+    ids, tgt = batch(model.config, B=2, T=8, seed=3)
+    loss, grads = model.loss_and_grads(ids, tgt)
+    loss_s, grads_s = model.loss_and_grads(ids, tgt, grad_scale=0.25)
+    assert loss_s == loss
+    for name, g in grads.items():
+        np.testing.assert_allclose(grads_s[name], 0.25 * g, rtol=1e-6, atol=1e-12, err_msg=name)

@@ -40,7 +40,7 @@ def _check_ids(xp, ids, name: str, shape, vocab_size: int):
     return xp.astype(ids, xp.int64)
 
 
-def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all"):
+def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all", grad_scale: float = 1.0):
     """Mean next-token cross-entropy over all B*T targets and its gradient for every weight.
 
     input_ids, target_ids: integer arrays [B, T] (target_ids[b, t] is the token that should follow
@@ -52,6 +52,8 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
     LoRA adapters attached to the model (model.adapter) are formed, keyed like adapter.params; the
     backward still flows through every base weight, but skips their weight-gradient matmuls (the
     output head's [V,D] one included). With wrt="all" and an adapter, its gradients are added to grads.
+    grad_scale: the gradients are those of grad_scale * loss (this batch's share of a larger one, as in
+    training/parallel.py, which then only adds them up); the returned loss is not scaled.
     """
     xp, cfg, W = model.xp, model.config, model.weights
     if wrt not in ("all", "adapters"):
@@ -93,7 +95,7 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
         logits = model.forward(ids, recorder=recorder)  # [B,T,V]
         logp = ops.log_softmax(logits)  # [B,T,V], shared by the loss and its gradient
         loss = float(ops.cross_entropy(logits, tgt, logp=logp))
-        dlogits = ops.cross_entropy_backward(logits, tgt, logp=logp)  # [B,T,V]
+        dlogits = ops.cross_entropy_backward(logits, tgt, dloss=grad_scale, logp=logp)  # [B,T,V]
         del logits, logp
         # --- output head ---
         dxn, d_head, _ = ops.linear_backward(dlogits, act["norm"], model.output_weight, weight_grad=base)  # [B,T,D], [V,D]
@@ -109,7 +111,7 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
         logits = xs @ model.output_weight.T  # [M,D] @ [D,V] -> [M,V]
         logp = ops.log_softmax(logits)  # [M,V]
         loss = float(ops.cross_entropy(logits, ts, logp=logp))  # the mean over the M selected targets
-        dlogits = ops.cross_entropy_backward(logits, ts, logp=logp)  # [M,V]
+        dlogits = ops.cross_entropy_backward(logits, ts, dloss=grad_scale, logp=logp)  # [M,V]
         del logits, logp
         dxs, d_head, _ = ops.linear_backward(dlogits, xs, model.output_weight, weight_grad=base)  # [M,D], [V,D]
         del dlogits

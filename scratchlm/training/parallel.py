@@ -92,36 +92,37 @@ def sharded_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: st
     rngs = ad.rng.spawn(len(work)) if ad is not None else [None] * len(work)
     jobs = list(zip(work, rngs))
 
+    total = sum(n for _, n in work)
+
     def run(part):
-        """Sum over this thread's chunks of n_j * loss_j and n_j * grads_j (n_j: the chunk's target count)."""
+        """Sum over this thread's chunks of n_j * loss_j and (n_j / N) * grads_j (n_j: the chunk's target
+        count), the weight applied inside the backward (grad_scale), so that adding up is all that is left."""
         loss, acc = 0.0, None
         for (c, n), rng in jobs[part]:
             if ad is not None:
                 ad.set_thread_rng(rng)
             try:
-                l, g = model.loss_and_grads(ids[c], tgt[c], loss_mask=None if mask is None else mask[c], wrt=wrt)
+                l, g = model.loss_and_grads(ids[c], tgt[c], loss_mask=None if mask is None else mask[c], wrt=wrt,
+                                            grad_scale=n / total)
             finally:
                 if ad is not None:
                     ad.set_thread_rng(None)
             loss += n * l
-            if acc is None:  # new arrays: a chunk's own gradients may be views of one fused array
-                acc = {k: v * np.float32(n) for k, v in g.items()}
+            if acc is None:
+                acc = g  # the chunk's own fresh arrays (some are disjoint views of one fused gradient)
             else:
                 for k, v in g.items():
-                    acc[k] += v * np.float32(n)
+                    acc[k] += v
         return loss, acc
 
     parts = shard_rows(len(jobs), threads)  # contiguous runs of chunks, one per thread
     with _one_blas_thread():
         results = list(_pool(len(parts)).map(run, parts)) if len(parts) > 1 else [run(parts[0])]
-    total = sum(n for _, n in work)
     loss, grads = results[0]
     for l, g in results[1:]:
         loss += l
         for k, v in g.items():
             grads[k] += v
-    for v in grads.values():
-        v *= np.float32(1.0 / total)
     return loss / total, grads
 
 
