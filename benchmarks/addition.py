@@ -1,7 +1,7 @@
 """Can the default small model learn 2-digit addition? Train it on "12+34=46." lines and measure the
 accuracy of greedy completions on sums it never saw.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/addition.py [--out runs/addition] [--steps 1500]
+    PYTHONPATH=. .venv/bin/python benchmarks/addition.py [--out runs/addition] [--steps 6000]
 
 All 8100 pairs a+b with a, b in 10..99 are split once (seeded) into 90% for the corpus and 10%
 held out. The corpus lists each training pair several times in random order, one per line. After
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/addition")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)

@@ -40,6 +40,15 @@ def _exp_(x):
     return array_namespace(x).exp(x)
 
 
+def _tanh_(x):
+    """tanh(x) in place, like _exp_."""
+    if is_numpy_array(x):
+        return np.tanh(x, out=x)
+    if is_torch_array(x):
+        return x.tanh_()
+    return array_namespace(x).tanh(x)
+
+
 # --- normalisation ---------------------------------------------------------------------------
 
 def rms_norm(x, w, eps: float):
@@ -135,19 +144,43 @@ def swiglu_backward(dy, gate, up):
 
 
 def gelu_tanh(x):
-    """GELU, tanh approximation (GPT-2's "gelu_new")."""
-    xp = array_namespace(x)
-    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+    """GELU, tanh approximation (GPT-2's "gelu_new"): 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi).
+    Computed in one fresh array, updated in place."""
+    t = x * x
+    t *= 0.044715
+    t += 1.0
+    t *= x
+    t *= math.sqrt(2.0 / math.pi)  # c (x + 0.044715 x^3)
+    t = _tanh_(t)
+    t += 1.0
+    t *= x
+    t *= 0.5
+    return t
 
 
 def gelu_tanh_backward(dy, x):
     """d gelu_tanh(x)/dx * dy, with u = c*(x + 0.044715 x^3), t = tanh(u):
-    0.5*(1 + t) + 0.5*x*(1 - t^2)*c*(1 + 3*0.044715 x^2)."""
-    xp = array_namespace(x)
+    0.5*(1 + t) + 0.5*c*x*(1 + 3*0.044715 x^2)*(1 - t^2), in three fresh arrays updated in place."""
     c = math.sqrt(2.0 / math.pi)
     x2 = x * x
-    t = xp.tanh(c * (x + 0.044715 * (x2 * x)))
-    return dy * (0.5 * (1.0 + t) + (0.5 * c) * x * (1.0 - t * t) * (1.0 + (3.0 * 0.044715) * x2))
+    t = x2 * 0.044715
+    t += 1.0
+    t *= x
+    t *= c
+    t = _tanh_(t)  # tanh(u)
+    w = x2  # reused: 0.5 c x (1 + 3*0.044715 x^2)
+    w *= 3.0 * 0.044715
+    w += 1.0
+    w *= x
+    w *= 0.5 * c
+    s = t * t
+    s -= 1.0
+    w *= s  # times (t^2 - 1): subtracted below
+    t += 1.0
+    t *= 0.5
+    t -= w
+    t *= dy
+    return t
 
 
 def softmax(x, axis: int = -1, inplace: bool = False):
