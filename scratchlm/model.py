@@ -34,7 +34,7 @@ RECORDED = {
     "start": ("tokens", "embedding", "pos_embedding", "embedding+pos", "rope.inv_freq", "rope.cos", "rope.sin", "mask"),
     "layer": ("attention_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "probs.blocks", "heads",
               "attention_output",
-              "residual_attention", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_down", "residual_ffn"),
+              "residual_attention", "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_up", "ffn_act", "ffn_down", "residual_ffn"),
     "end": ("norm", "logits"),
 }
 
@@ -231,7 +231,8 @@ class Model:
                 if ad is not None:
                     ad.apply(i, "w13", h, gu, r)
                 gate, up = gu[..., :F], gu[..., F:]  # [B,T,F] each
-                act = ops.swiglu(gate, up)
+                sig = ops.sigmoid(gate)  # kept: the backward needs it too
+                act = ops.swiglu(gate, up, sig)
             f = ops.linear(act, L.w2)  # [B,T,F] @ [F,D] -> [B,T,D]
             if ad is not None:
                 ad.apply(i, "down", act, f, r)
@@ -242,6 +243,7 @@ class Model:
                 r("ffn_norm", h)
                 if not gpt2:
                     r("ffn_gate", gate)
+                    r("ffn_sigmoid", sig)
                 r("ffn_up", up)
                 r("ffn_act", act)
                 r("ffn_down", f)

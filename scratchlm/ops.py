@@ -108,38 +108,38 @@ def layer_norm_backward(dy, x, w, eps: float):
 
 # --- activations -----------------------------------------------------------------------------
 
-def silu(x):
-    """SiLU / swish: x * sigmoid(x) = x / (1 + e^-x)."""
-    d = _exp_(-x)  # a fresh e^-x
-    d += 1.0
-    return x / d
+def sigmoid(x):
+    """1 / (1 + e^-x), in one fresh array."""
+    s = _exp_(-x)
+    s += 1.0
+    if is_numpy_array(s):
+        return np.reciprocal(s, out=s)
+    if is_torch_array(s):
+        return s.reciprocal_()
+    return 1.0 / s
 
 
-def silu_backward(dy, x):
-    """d silu(x)/dx * dy = dy * s * (1 + x * (1 - s)), s = sigmoid(x)."""
-    xp = array_namespace(x)
-    s = 1.0 / (1.0 + xp.exp(-x))
-    return dy * (s * (1.0 + x * (1.0 - s)))
-
-
-def swiglu(gate, up):
-    """SwiGLU's gating (Llama's FFN): silu(x W1) * (x W3); the caller applies W2."""
-    y = silu(gate)  # fresh
+def swiglu(gate, up, sig=None):
+    """SwiGLU's gating (Llama's FFN): silu(x W1) * (x W3) = gate * sigmoid(gate) * up; the caller
+    applies W2. `sig`: sigmoid(gate) when the caller has computed it (the model keeps it for the backward)."""
+    y = gate * (sigmoid(gate) if sig is None else sig)  # silu(gate), fresh
     y *= up
     return y
 
 
-def swiglu_backward(dy, gate, up):
-    """Gradients of swiglu(gate, up) = silu(gate) * up from dy [..., F]: (dgate, dup), each [..., F]."""
-    s = _exp_(-gate)  # [..., F]; fresh arrays below are updated in place to save memory passes
-    s += 1.0
-    s = 1.0 / s  # sigmoid(gate), shared by silu and its derivative
+def swiglu_backward(dy, gate, up, sig=None):
+    """Gradients of swiglu(gate, up) = silu(gate) * up from dy [..., F]: (dgate, dup), each [..., F].
+
+    With s = sigmoid(gate) (`sig`, the forward's, or recomputed): dup = dy * gate * s and
+    dgate = dy * up * silu'(gate), silu'(gate) = s + silu(gate) * (1 - s)."""
+    s = sigmoid(gate) if sig is None else sig
     sg = gate * s  # silu(gate)
     dup = dy * sg
-    dsilu = sg * (1.0 - s)
-    dsilu += s  # silu'(gate) = s + silu(gate) * (1 - s)
-    dgate = dy * up
-    dgate *= dsilu
+    dgate = 1.0 - s  # fresh arrays, updated in place
+    dgate *= sg
+    dgate += s  # silu'(gate)
+    dgate *= up
+    dgate *= dy
     return dgate, dup
 
 

@@ -211,12 +211,16 @@ def test_layer_norm_backward():
 def test_activation_backwards():
     rng = np.random.default_rng(2)
     x, u, dy = rng.normal(size=(3, 7)) * 4, rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
-    tx = t64(x)
-    torch.nn.functional.silu(tx).backward(torch.tensor(dy))
-    check([ops.silu_backward(dy, x)], [tx.grad])
+    check([ops.sigmoid(x)], [torch.sigmoid(torch.tensor(x))])
     tx, tu = t64(x), t64(u)
-    (torch.nn.functional.silu(tx) * tu).backward(torch.tensor(dy))
+    ref = torch.nn.functional.silu(tx) * tu
+    check([ops.swiglu(x, u), ops.swiglu(x, u, ops.sigmoid(x))], [ref, ref])
+    ref.backward(torch.tensor(dy))
     check(ops.swiglu_backward(dy, x, u), (tx.grad, tu.grad))
+    check(ops.swiglu_backward(dy, x, u, ops.sigmoid(x)), (tx.grad, tu.grad))  # the forward's sigmoid reused
+    tx = t64(x)
+    torch.nn.functional.gelu(tx, approximate="tanh").backward(torch.tensor(dy))
+    check([ops.gelu_tanh(x)], [torch.nn.functional.gelu(torch.tensor(x), approximate="tanh")])
     tx = t64(x)
     torch.nn.functional.gelu(tx, approximate="tanh").backward(torch.tensor(dy))
     check([ops.gelu_tanh_backward(dy, x)], [tx.grad])

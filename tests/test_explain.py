@@ -66,7 +66,7 @@ def expected_shapes(cfg, T):
                  "residual_attention": (B, T, D), "ffn_norm": (B, T, D), "ffn_up": (B, T, F), "ffn_act": (B, T, F),
                  "ffn_down": (B, T, D), "residual_ffn": (B, T, D)}
         if cfg.arch == "llama":
-            layer.update({"q_rope": (B, T, H, Hd), "k_rope": (B, T, K, Hd), "ffn_gate": (B, T, F)})
+            layer.update({"q_rope": (B, T, H, Hd), "k_rope": (B, T, K, Hd), "ffn_gate": (B, T, F), "ffn_sigmoid": (B, T, F)})
         want.update({f"layers.{i}.{k}": v for k, v in layer.items()})
     return want
 

@@ -19,7 +19,7 @@ from ..errors import PromptError
 
 # What the backward reads from the forward's recording (layer names are prefixed "layers.{i}.").
 _KEEP_LAYER = ("attention_norm", "q", "k", "q_rope", "k_rope", "v", "probs", "probs.blocks", "heads", "residual_attention",
-               "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "residual_ffn")
+               "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_up", "ffn_act", "residual_ffn")
 _KEEP_OTHER = ("embedding", "embedding+pos", "rope.cos", "rope.sin", "norm")
 # what LoRA adapters record (training/lora.py), per fused group
 _KEEP_LORA = tuple(f"lora.{g}.{n}" for g in ("qkv", "o", "w13", "down") for n in ("x", "u", "keep"))
@@ -158,7 +158,7 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
                 grads[p + "feed_forward.w1.weight"], grads[p + "feed_forward.w1.bias"] = d_w1, d_b1
                 grads[p + "feed_forward.w2.weight"], grads[p + "feed_forward.w2.bias"] = d_w2, d_b2
         else:
-            d_gate, d_up = ops.swiglu_backward(d_act, a["ffn_gate"], a["ffn_up"])  # [B,T,F] each
+            d_gate, d_up = ops.swiglu_backward(d_act, a["ffn_gate"], a["ffn_up"], a["ffn_sigmoid"])  # [B,T,F] each
             d_gu = xp.concat([d_gate, d_up], axis=-1)  # [B,T,2F], the layout of the fused gate/up output
             dh, d_w13, _ = ops.linear_backward(d_gu, a["ffn_norm"], L.w13, weight_grad=base)  # [B,T,D], [2F,D]
             dh = lora_backward(i, "w13", d_gu, dh)
