@@ -165,7 +165,7 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
             if base:
                 grads[p + "feed_forward.w2.weight"] = d_w2
                 grads[p + "feed_forward.w1.weight"], grads[p + "feed_forward.w3.weight"] = d_w13[:F], d_w13[F:]
-        dx = dx + norm_backward(dh, a["residual_attention"], p + "ffn_norm")  # both paths of the residual
+        dx += norm_backward(dh, a["residual_attention"], p + "ffn_norm")  # both paths of the residual (dx is ours)
 
         # --- attention block: x_mid = x_in + wo(attention(rope(wqkv(norm(x_in))))) ---
         heads = a["heads"]  # [B,H,T,Hd]
@@ -199,7 +199,7 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
             grads[p + f"attention.{n}.weight"] = d_wqkv[lo:hi]  # row slices of the fused gradient
             if gpt2:
                 grads[p + f"attention.{n}.bias"] = d_bqkv[lo:hi]
-        dx = dx + norm_backward(dh, x_in, p + "attention_norm")
+        dx += norm_backward(dh, x_in, p + "attention_norm")
 
     if not base:  # frozen base: the embeddings' gradients are not needed
         return loss, {n: grads[n] for n in ad.params}
