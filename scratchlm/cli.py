@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_positive_int, default=100, help="checkpoint every N steps (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads that each run a shard of the batch (default: every core; with --resume: the run's)")
+                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final losses")
 
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every N steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads that each run a shard of the batch (default: every core; with --resume: the run's)")
+                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final line")
 

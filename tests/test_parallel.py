@@ -9,7 +9,7 @@ import pytest
 
 import scratchlm
 from scratchlm.training.lora import LoRA
-from scratchlm.training.parallel import shard_rows, sharded_loss_and_grads
+from scratchlm.training.parallel import shard_rows, parallel_loss_and_grads
 from tests.test_backward import batch, build
 from tests.tiny_models import make_hf_llama
 
@@ -37,13 +37,13 @@ def test_chunks_give_the_whole_batch_loss_and_gradients(case, threads, chunk_tok
     _, model, _ = build(case)
     ids, tgt = batch(model.config, B=5, T=16, seed=1)
     loss, grads = model.loss_and_grads(ids, tgt)
-    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, threads=threads, chunk_tokens=chunk_tokens)
+    loss_s, grads_s = parallel_loss_and_grads(model, ids, tgt, threads=threads, chunk_tokens=chunk_tokens)
     assert abs(loss_s - loss) <= 1e-6 * abs(loss)
     assert grads_s.keys() == grads.keys()
     for name, g in grads.items():
         assert grads_s[name].shape == g.shape
         assert close(grads_s[name], g), name
-    again = sharded_loss_and_grads(model, ids, tgt, threads=threads, chunk_tokens=chunk_tokens)
+    again = parallel_loss_and_grads(model, ids, tgt, threads=threads, chunk_tokens=chunk_tokens)
     assert again[0] == loss_s and all(np.array_equal(again[1][n], grads_s[n]) for n in grads)  # deterministic
 
 
@@ -54,13 +54,13 @@ def test_masked_shards_weigh_by_the_targets_they_count():
     mask[2, 3:] = 1  # chunk 2 of 2 counts 9 + 2 targets, chunk 1 none at all
     mask[3, :2] = 1
     loss, grads = model.loss_and_grads(ids, tgt, loss_mask=mask)
-    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, loss_mask=mask, threads=2, chunk_tokens=24)
+    loss_s, grads_s = parallel_loss_and_grads(model, ids, tgt, loss_mask=mask, threads=2, chunk_tokens=24)
     assert abs(loss_s - loss) <= 1e-6 * abs(loss)
     for name, g in grads.items():
         assert close(grads_s[name], g), name
     mask[1, 0] = 1  # now both chunks count targets, unequally (1 and 11)
     loss, grads = model.loss_and_grads(ids, tgt, loss_mask=mask)
-    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, loss_mask=mask, threads=2, chunk_tokens=24)
+    loss_s, grads_s = parallel_loss_and_grads(model, ids, tgt, loss_mask=mask, threads=2, chunk_tokens=24)
     assert abs(loss_s - loss) <= 1e-6 * abs(loss)
     for name, g in grads.items():
         assert close(grads_s[name], g), name
@@ -70,13 +70,13 @@ def test_one_row_is_the_plain_call_and_errors_stay_one_line():
     _, model, _ = build("gpt2")
     ids, tgt = batch(model.config, B=1, T=8)
     loss, grads = model.loss_and_grads(ids, tgt)
-    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, threads=4, chunk_tokens=1)
+    loss_s, grads_s = parallel_loss_and_grads(model, ids, tgt, threads=4, chunk_tokens=1)
     assert loss_s == loss and all(np.array_equal(grads_s[n], grads[n]) for n in grads)
     with pytest.raises(ValueError, match="loss_mask selects no target"):
-        sharded_loss_and_grads(model, *batch(model.config, B=2, T=8), loss_mask=np.zeros((2, 8)), threads=2,
+        parallel_loss_and_grads(model, *batch(model.config, B=2, T=8), loss_mask=np.zeros((2, 8)), threads=2,
                                chunk_tokens=8)
     with pytest.raises(ValueError, match="target_ids has shape"):
-        sharded_loss_and_grads(model, ids.repeat(2, 0), tgt, threads=2, chunk_tokens=8)
+        parallel_loss_and_grads(model, ids.repeat(2, 0), tgt, threads=2, chunk_tokens=8)
 
 
 def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_deterministic(tmp_path):
@@ -89,7 +89,7 @@ def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_determinis
     rng = np.random.default_rng(4)
     ids, tgt = rng.integers(0, 256, (4, 10)), rng.integers(0, 256, (4, 10))
     loss, grads = model.loss_and_grads(ids, tgt, wrt="adapters")
-    loss_s, grads_s = sharded_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2, chunk_tokens=10)
+    loss_s, grads_s = parallel_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2, chunk_tokens=10)
     assert abs(loss_s - loss) <= 1e-6 * abs(loss)
     assert grads_s.keys() == grads.keys() == lora.params.keys()
     for name, g in grads.items():
@@ -99,7 +99,7 @@ def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_determinis
     runs = []
     for _ in range(2):
         lora.rng = np.random.default_rng(7)
-        runs.append(sharded_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2, chunk_tokens=10))
+        runs.append(parallel_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2, chunk_tokens=10))
     assert runs[0][0] == runs[1][0] and abs(runs[0][0] - loss) > 1e-6  # the same masks again; not the dropout-free loss
     assert all(np.array_equal(runs[0][1][n], runs[1][1][n]) for n in grads)
     lora.training = False

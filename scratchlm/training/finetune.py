@@ -38,7 +38,7 @@ from ..errors import FormatError, PromptError
 from . import checkpoint as ck
 from .lora import TEMPLATE_NAME, LoRA, adapter_summary
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
-from .parallel import keep_freed_memory, sharded_loss_and_grads, usable_cores
+from .parallel import keep_freed_memory, parallel_loss_and_grads, usable_cores
 from .trainer import RunLog
 
 MARKER = "scratchlm-finetune.json"
@@ -237,7 +237,7 @@ class FinetuneArgs:
     grad_clip: float = 1.0
     save_every: int = 50
     plot: bool = True
-    threads: int = 0  # shards of each batch run side by side (parallel.py); 0: every usable core, fixed at start
+    threads: int = 0  # threads sharing out each batch (parallel.py); 0: every usable core, fixed at start
 
     def validate(self) -> None:
         for k in ("rank", "epochs", "batch", "context", "save_every"):
@@ -252,7 +252,7 @@ class FinetuneArgs:
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"--threads must be a non-negative integer, got {self.threads!r}")
         if not self.threads:
-            self.threads = usable_cores()  # fixed now and saved, so a resume shards (and drops out) alike
+            self.threads = usable_cores()  # fixed now and saved, so a resume splits batches (and draws dropout) alike
         if not isinstance(self.targets, str) or not self.targets.strip(","):
             raise ValueError(f"--targets must name projections (or all), got {self.targets!r}")
 
@@ -322,7 +322,7 @@ class Finetuner(RunLog):
     @classmethod
     def resume(cls, run_dir, steps: int | None = None, model=None, threads: int | None = None, **kw) -> "Finetuner":
         """Continue a run from its latest checkpoint; `steps` is the new total; `threads` replaces the run's
-        shard count (the continuation then draws other dropout masks)."""
+        thread count (the continuation then draws other dropout masks)."""
         run_dir = Path(run_dir)
         meta = ck.read_json(run_dir / MARKER, "fine-tuning run description")
         if not isinstance(meta, dict) or not isinstance(meta.get("args"), dict):
@@ -383,7 +383,7 @@ class Finetuner(RunLog):
         self.lora.rng = np.random.default_rng([a.seed, 1, self.step])  # dropout masks of this step
         self.lora.training = True
         try:
-            loss, grads = sharded_loss_and_grads(self.model, x, y, loss_mask=m, wrt="adapters", threads=a.threads)
+            loss, grads = parallel_loss_and_grads(self.model, x, y, loss_mask=m, wrt="adapters", threads=a.threads)
         finally:
             self.lora.training = False
         norm = clip_grad_norm(grads, a.grad_clip) if a.grad_clip > 0 else global_norm(grads)
@@ -405,7 +405,7 @@ class Finetuner(RunLog):
         a = self.args
         for line in describe_report(self.report):
             self.say(line)
-        self.say(f"{adapter_summary(self.lora)} (base {self.cfg.n_params / 1e6:.0f}M frozen); "
+        self.say(f"{adapter_summary(self.lora)} (base: {self.cfg.n_params:,} frozen); "
                  f"{self.total} steps of {a.batch} rows")
         if self.step:
             self.say(f"resuming {self.run_dir} at step {self.step} of {self.total}")

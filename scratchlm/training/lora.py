@@ -155,7 +155,7 @@ class LoRA:
         self.base_name = base_name
         self.training = False
         self.rng = np.random.default_rng(seed)  # dropout masks
-        self._thread = threading.local()  # a shard thread's own dropout generator (training/parallel.py)
+        self._thread = threading.local()  # a chunk thread's own dropout generator (training/parallel.py)
         shapes = target_shapes(cfg)
         for t in self.targets:
             out, inp = shapes[t]
@@ -203,7 +203,7 @@ class LoRA:
         return self
 
     def set_thread_rng(self, rng) -> None:
-        """Draw the calling thread's dropout masks from `rng` (None: from self.rng again), so shards of a
+        """Draw the calling thread's dropout masks from `rng` (None: from self.rng again), so chunks of a
         batch running in threads (training/parallel.py) each have their own deterministic masks."""
         self._thread.rng = rng
 

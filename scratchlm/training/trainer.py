@@ -35,7 +35,7 @@ from ..model import Model
 from . import checkpoint as ck
 from .data import BatchSampler, TokenData, bigram_loss, eval_batches, read_corpus, unigram_loss, write_tokens
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
-from .parallel import keep_freed_memory, sharded_loss_and_grads, usable_cores
+from .parallel import keep_freed_memory, parallel_loss_and_grads, usable_cores
 
 
 @dataclass
@@ -72,7 +72,7 @@ class TrainArgs:
     seed: int = 0
     val_fraction: float = 0.1
     plot: bool = True
-    threads: int = 0  # shards of each batch run side by side (parallel.py); 0: every usable core, fixed at start
+    threads: int = 0  # threads sharing out each batch (parallel.py); 0: every usable core, fixed at start
 
     def validate(self) -> None:
         ints = ("layers", "dim", "heads", "context", "batch", "accum", "steps", "eval_every", "eval_batches",
@@ -102,7 +102,7 @@ class TrainArgs:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("betas must be in [0, 1)")
         if not self.threads:
-            self.threads = usable_cores()  # fixed now and saved, so a resume shards alike
+            self.threads = usable_cores()  # fixed now and saved, so a resume splits batches alike
 
     @property
     def warmup_steps(self) -> int:
@@ -169,10 +169,10 @@ def eval_loss(model: Model, batches) -> float:
 def accumulate_grads(model: Model, batches, threads: int = 1) -> tuple[float, dict]:
     """Mean loss and mean gradients over micro-batches [(inputs [B,T], targets [B,T]), ...]: the same
     numbers as one batch of all of them together (every micro-batch has B*T targets). Each micro-batch
-    runs as `threads` shards side by side (parallel.py)."""
+    runs in chunks shared out to `threads` threads (parallel.py)."""
     loss, grads, n = 0.0, None, 0
     for x, y in batches:
-        l, g = sharded_loss_and_grads(model, x, y, threads=threads)
+        l, g = parallel_loss_and_grads(model, x, y, threads=threads)
         loss, n = loss + l, n + 1
         if grads is None:
             grads = g  # fresh arrays from the backward: ours to accumulate into
@@ -306,7 +306,7 @@ class Trainer(RunLog):
     def resume(cls, run_dir, steps: int | None = None, threads: int | None = None, **kw) -> "Trainer":
         """Continue a run from its latest checkpoint (from step 0 if it has none yet). `steps` is the new
         total; the cosine schedule is stretched to it (pass the original total for an exact continuation).
-        `threads` replaces the run's shard count (the continuation then differs in float rounding)."""
+        `threads` replaces the run's thread count (the continuation then differs in float rounding)."""
         run_dir = Path(run_dir)
         if not ck.is_run_dir(run_dir):
             raise FormatError(f"{run_dir}: not a training run directory (no {ck.RUN_MARKER})")
