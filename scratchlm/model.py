@@ -32,9 +32,10 @@ def to_numpy(x) -> np.ndarray:
 # What a forward recorder receives, in order (layer names are prefixed "layers.{i}.").
 RECORDED = {
     "start": ("tokens", "embedding", "pos_embedding", "embedding+pos", "rope.inv_freq", "rope.cos", "rope.sin", "mask"),
+    # probs.blocks: the per-block probabilities of ops.causal_attention (training), instead of scores/probs
     "layer": ("attention_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "probs.blocks", "heads",
-              "attention_output",
-              "residual_attention", "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_up", "ffn_act", "ffn_down", "residual_ffn"),
+              "attention_output", "residual_attention", "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_up", "ffn_act",
+              "ffn_down", "residual_ffn"),
     "end": ("norm", "logits"),
 }
 
