@@ -118,6 +118,14 @@ class Model:
 
     # --- forward ---------------------------------------------------------------------------
 
+    def _project(self, i: int, group: str, x, w, b, r):
+        """x @ w.T for layer i's projection `group` (qkv, o, w13, down), plus its LoRA adapters if any are
+        attached (before the bias, as PEFT adds them), plus the bias b (GPT-2; None for Llama)."""
+        y = ops.linear(x, w)  # [..., in] @ [in, out] -> [..., out], a fresh array
+        if self.adapter is not None:
+            self.adapter.apply(i, group, x, y, r)  # += s * (x @ A.T) @ B.T, in place
+        return y if b is None else y + b
+
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         """A KV cache for `max_len` positions (at most the model's context)."""
         c = self.config
@@ -138,7 +146,6 @@ class Model:
         rec = recorder  # one None check per recording point when off
         # a recorder may say it drops the attention scores (the backward's does): then they are not copied out
         keep_scores = getattr(rec, "wants_scores", True)
-        ad = self.adapter  # LoRA: adds s * (x @ A.T) @ B.T into each adapted projection's output
         xp, cfg = self.xp, self.config
         ids = xp.asarray(ids)
         B, T = ids.shape
@@ -177,11 +184,7 @@ class Model:
             r = None if rec is None else (lambda name, a, _p=f"layers.{i}.": rec(_p + name, a))
             # --- attention block ---
             h = self._norm(x, L.attn_norm_w, L.attn_norm_b)  # [B,T,D]
-            qkv = ops.linear(h, L.wqkv)  # [B,T,D] @ [D,(H+2K)*Hd] -> [B,T,(H+2K)*Hd]
-            if ad is not None:
-                ad.apply(i, "qkv", h, qkv, r)
-            if gpt2:
-                qkv = qkv + L.bqkv
+            qkv = self._project(i, "qkv", h, L.wqkv, L.bqkv, r)  # [B,T,D] @ [D,(H+2K)*Hd] -> [B,T,(H+2K)*Hd]
             qkv = xp.reshape(qkv, (B, T, H + 2 * K, Hd))  # [B,T,H+2K,Hd]
             qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]  # [B,T,H+K,Hd], [B,T,K,Hd]
             if r is not None:
@@ -208,12 +211,7 @@ class Model:
             if r is not None:
                 r("heads", a)  # per-head outputs [B,H,T,Hd]
             a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (B, T, H * Hd))  # [B,H,T,Hd] -> [B,T,H*Hd]
-            a_in = a
-            a = ops.linear(a, L.wo)  # [B,T,H*Hd] @ [H*Hd,D] -> [B,T,D]
-            if ad is not None:
-                ad.apply(i, "o", a_in, a, r)
-            if gpt2:
-                a = a + L.bo
+            a = self._project(i, "o", a, L.wo, L.bo, r)  # [B,T,H*Hd] @ [H*Hd,D] -> [B,T,D]
             x = x + a  # residual
             if r is not None:
                 r("attention_output", a)
@@ -222,23 +220,14 @@ class Model:
             # --- feed-forward block ---
             h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,T,D]
             if gpt2:
-                up = ops.linear(h, L.w1)  # [B,T,D] @ [D,F] -> [B,T,F]
-                if ad is not None:
-                    ad.apply(i, "w13", h, up, r)
-                up = up + L.b1
+                up = self._project(i, "w13", h, L.w1, L.b1, r)  # [B,T,D] @ [D,F] -> [B,T,F]
                 act = ops.gelu_tanh(up)
             else:
-                gu = ops.linear(h, L.w13)  # [B,T,D] @ [D,2F] -> [B,T,2F]
-                if ad is not None:
-                    ad.apply(i, "w13", h, gu, r)
+                gu = self._project(i, "w13", h, L.w13, None, r)  # [B,T,D] @ [D,2F] -> [B,T,2F]
                 gate, up = gu[..., :F], gu[..., F:]  # [B,T,F] each
                 sig = ops.sigmoid(gate)  # kept: the backward needs it too
                 act = ops.swiglu(gate, up, sig)
-            f = ops.linear(act, L.w2)  # [B,T,F] @ [F,D] -> [B,T,D]
-            if ad is not None:
-                ad.apply(i, "down", act, f, r)
-            if gpt2:
-                f = f + L.b2
+            f = self._project(i, "down", act, L.w2, L.b2, r)  # [B,T,F] @ [F,D] -> [B,T,D]
             x = x + f  # residual
             if r is not None:
                 r("ffn_norm", h)

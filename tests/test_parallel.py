@@ -9,7 +9,7 @@ import pytest
 
 import scratchlm
 from scratchlm.training.lora import LoRA
-from scratchlm.training.parallel import shard_rows, parallel_loss_and_grads
+from scratchlm.training.parallel import parallel_loss_and_grads, resolve_threads, split_evenly, usable_cores
 from tests.test_backward import batch, build
 from tests.tiny_models import make_hf_llama
 
@@ -20,15 +20,23 @@ def close(a, b, rel=1e-5, floor=1e-7) -> bool:
     return float(np.max(np.abs(np.asarray(a, np.float64) - b))) <= rel * float(np.max(np.abs(b))) + floor
 
 
-def test_shard_rows_cover_the_batch_in_near_equal_parts():
-    assert shard_rows(5, 2) == [slice(0, 2), slice(2, 5)]
-    assert shard_rows(16, 2) == [slice(0, 8), slice(8, 16)]
-    assert shard_rows(2, 8) == [slice(0, 1), slice(1, 2)]  # never an empty shard
-    assert shard_rows(3, 1) == [slice(0, 3)]
+def test_split_evenly_covers_every_item_in_near_equal_parts():
+    assert split_evenly(5, 2) == [slice(0, 2), slice(2, 5)]
+    assert split_evenly(16, 2) == [slice(0, 8), slice(8, 16)]
+    assert split_evenly(2, 8) == [slice(0, 1), slice(1, 2)]  # never an empty part
+    assert split_evenly(3, 1) == [slice(0, 3)]
     for B in range(1, 12):
         for n in range(1, 6):
-            rows = [r for s in shard_rows(B, n) for r in range(B)[s]]
+            rows = [r for s in split_evenly(B, n) for r in range(B)[s]]
             assert rows == list(range(B))
+
+
+def test_resolve_threads():
+    assert resolve_threads(3) == 3
+    assert resolve_threads(0) == usable_cores() >= 1
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="--threads must be a non-negative integer"):
+            resolve_threads(bad)
 
 
 @pytest.mark.parametrize("case", ["llama-gqa-scaled-tied", "gpt2"])

@@ -38,7 +38,7 @@ from ..errors import FormatError, PromptError
 from . import checkpoint as ck
 from .lora import TEMPLATE_NAME, LoRA, adapter_summary
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
-from .parallel import keep_freed_memory, parallel_loss_and_grads, usable_cores
+from .parallel import keep_freed_memory, parallel_loss_and_grads, resolve_threads
 from .trainer import RunLog
 
 MARKER = "scratchlm-finetune.json"
@@ -249,10 +249,7 @@ class FinetuneArgs:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"--threads must be a non-negative integer, got {self.threads!r}")
-        if not self.threads:
-            self.threads = usable_cores()  # fixed now and saved, so a resume splits batches (and draws dropout) alike
+        self.threads = resolve_threads(self.threads)  # fixed now and saved: a resume splits batches and draws dropout alike
         if not isinstance(self.targets, str) or not self.targets.strip(","):
             raise ValueError(f"--targets must name projections (or all), got {self.targets!r}")
 

@@ -104,7 +104,8 @@ def parse_targets(spec, cfg: ModelConfig) -> tuple[str, ...]:
 def target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """(out, in) of each target projection of this base."""
     D, F, q, kv = cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    if _spec(cfg) is _SPECS["gpt2"]:
+    _spec(cfg)  # a one-line error for an architecture LoRA does not know
+    if cfg.arch == "gpt2":
         return {"qkv": (q + 2 * kv, D), "o": (D, q), "up": (F, D), "down": (D, F)}
     return {"q": (q, D), "k": (kv, D), "v": (kv, D), "o": (D, q), "gate": (F, D), "up": (F, D), "down": (D, F)}
 

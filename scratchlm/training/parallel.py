@@ -42,10 +42,18 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def shard_rows(B: int, n: int) -> list[slice]:
-    """Split rows 0..B-1 into min(n, B) contiguous shards of near-equal size: shard_rows(5, 2) -> [0:3, 3:5]."""
-    n = max(1, min(int(n), B))
-    edges = [B * j // n for j in range(n + 1)]
+def resolve_threads(threads) -> int:
+    """The --threads of a run: a positive count as given, or 0 for every usable core (one-line error otherwise)."""
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ValueError(f"--threads must be a non-negative integer, got {threads!r}")
+    return threads or usable_cores()
+
+
+def split_evenly(n_items: int, n_parts: int) -> list[slice]:
+    """Split items 0..n_items-1 into min(n_parts, n_items) contiguous runs of near-equal size:
+    split_evenly(5, 2) -> [0:2, 2:5]."""
+    n = max(1, min(int(n_parts), n_items))
+    edges = [n_items * j // n for j in range(n + 1)]
     return [slice(edges[j], edges[j + 1]) for j in range(n)]
 
 
@@ -74,20 +82,23 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
     array backend (which threads its own ops) it is exactly that call. LoRA dropout (model.adapter) draws
     each chunk's masks from its own generator, spawned from the adapter's.
     """
+    def whole_batch():  # one call: a batch of one chunk, another backend, or input that call rejects in one line
+        return model.loss_and_grads(input_ids, target_ids, loss_mask=loss_mask, wrt=wrt)
+
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or not ids.shape[0] or not isinstance(model.weights["tok_embeddings.weight"], np.ndarray):
-        return model.loss_and_grads(input_ids, target_ids, loss_mask=loss_mask, wrt=wrt)
+        return whole_batch()
     B, T = ids.shape
     rows = max(1, int(chunk_tokens) // T)
     chunks = [slice(a, min(a + rows, B)) for a in range(0, B, rows)]
     tgt = np.asarray(target_ids)
     mask = None if loss_mask is None else np.asarray(loss_mask)
     if len(chunks) == 1 or tgt.shape != ids.shape or (mask is not None and mask.shape != ids.shape):
-        return model.loss_and_grads(input_ids, target_ids, loss_mask=loss_mask, wrt=wrt)  # (or its one-line error)
+        return whole_batch()
     counts = [int(np.count_nonzero(mask[c])) if mask is not None else ids[c].size for c in chunks]
     work = [(c, n) for c, n in zip(chunks, counts) if n]  # a chunk whose mask selects nothing adds nothing
     if not work:
-        return model.loss_and_grads(input_ids, target_ids, loss_mask=loss_mask, wrt=wrt)  # its one-line error
+        return whole_batch()
     ad = getattr(model, "adapter", None)
     rngs = ad.rng.spawn(len(work)) if ad is not None else [None] * len(work)
     jobs = list(zip(work, rngs))
@@ -115,7 +126,7 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
                     acc[k] += v
         return loss, acc
 
-    parts = shard_rows(len(jobs), threads)  # contiguous runs of chunks, one per thread
+    parts = split_evenly(len(jobs), threads)  # contiguous runs of chunks, one per thread
     with _one_blas_thread():
         results = list(_pool(len(parts)).map(run, parts)) if len(parts) > 1 else [run(parts[0])]
     loss, grads = results[0]

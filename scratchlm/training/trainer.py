@@ -35,7 +35,7 @@ from ..model import Model
 from . import checkpoint as ck
 from .data import BatchSampler, TokenData, bigram_loss, eval_batches, read_corpus, unigram_loss, write_tokens
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
-from .parallel import keep_freed_memory, parallel_loss_and_grads, usable_cores
+from .parallel import keep_freed_memory, parallel_loss_and_grads, resolve_threads
 
 
 @dataclass
@@ -81,7 +81,7 @@ class TrainArgs:
             v = getattr(self, n)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1 or v > 1 << 24:
                 raise ValueError(f"--{n.replace('_', '-')} must be a positive integer, got {v!r}")
-        for n in ("kv_heads", "ffn_dim", "sample_every", "threads"):
+        for n in ("kv_heads", "ffn_dim", "sample_every"):
             v = getattr(self, n)
             if not isinstance(v, int) or v < 0 or v > 1 << 24:
                 raise ValueError(f"--{n.replace('_', '-')} must be a non-negative integer, got {v!r}")
@@ -101,8 +101,7 @@ class TrainArgs:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("betas must be in [0, 1)")
-        if not self.threads:
-            self.threads = usable_cores()  # fixed now and saved, so a resume splits batches alike
+        self.threads = resolve_threads(self.threads)  # fixed now and saved, so a resume splits batches alike
 
     @property
     def warmup_steps(self) -> int:
