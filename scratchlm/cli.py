@@ -56,8 +56,17 @@ def _sampling_kwargs(a) -> dict:
                 ignore_eos=a.ignore_eos)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line and status 1 like every other error (not usage + status 2);
+    the subcommand parsers inherit it. `--help` still prints the usage."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"scratchlm: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        sys.exit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="scratchlm", description="A language-model engine written from scratch in NumPy.")
+    ap = _Parser(prog="scratchlm", description="A language-model engine written from scratch in NumPy.")
     ap.add_argument("--version", action="version", version=f"scratchlm {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -69,10 +69,18 @@ def test_corrupt_model_file_is_one_line_error(tmp_path, capsys):
     assert code == 1 and "not a GGUF file" in err
 
 
-def test_bad_argument_exits_nonzero(capsys):
+@pytest.mark.parametrize("argv, what", [
+    (["generate", "hi", "-n", "zero"], "argument -n/--max-tokens"),
+    (["train", "--threads", "0"], "argument --threads"),
+    (["finetune", "--rank", "x"], "argument --rank"),
+    (["nosuchverb"], "invalid choice"),
+])
+def test_bad_argument_is_one_line_and_status_1(argv, what, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["generate", "hi", "-n", "zero"])
-    assert e.value.code != 0
+        main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("scratchlm: error: ") and what in err
 
 
 def test_missing_tokenizer_is_a_one_line_error(tmp_path, capsys):
