@@ -301,22 +301,27 @@ def cmd_bench(a) -> int:
     return 0
 
 
-def cmd_train(a) -> int:
-    from .training.trainer import TrainArgs, Trainer
-
-    progress = False if a.no_progress else None
+def _start_or_resume(a, run_cls, make_args, needs: str):
+    """A new run of run_cls (Trainer, Finetuner) made from make_args(), or the run --resume DIR names:
+    what `train` and `finetune` share."""
+    kw = dict(progress=False if a.no_progress else None, verbose=not a.quiet)
     if a.resume:
         if a.data or a.out:
             raise ValueError("--resume DIR continues a run with its own data and output; drop --data/--out")
-        t = Trainer.resume(a.resume, a.steps, threads=a.threads, progress=progress, verbose=not a.quiet)
-    else:
-        if not a.data or not a.out:
-            raise ValueError("train needs --data FILE and --out DIR (or --resume DIR)")
-        args = TrainArgs(data=a.data, out=a.out, tokenizer=a.tokenizer, arch=a.arch, layers=a.layers, dim=a.dim,
-                         heads=a.heads, kv_heads=a.kv_heads or 0, context=a.context, batch=a.batch, accum=a.accum,
-                         steps=a.steps or 1000, lr=a.lr, warmup=a.warmup, eval_every=a.eval_every,
-                         save_every=a.save_every, seed=a.seed, threads=a.threads or 0)
-        t = Trainer.new(args, progress=progress, verbose=not a.quiet)
+        return run_cls.resume(a.resume, a.steps, threads=a.threads, **kw)
+    if not a.data or not a.out:
+        raise ValueError(f"{a.command} needs {needs} (or --resume DIR)")
+    return run_cls.new(make_args(), **kw)
+
+
+def cmd_train(a) -> int:
+    from .training.trainer import TrainArgs, Trainer
+
+    t = _start_or_resume(a, Trainer, lambda: TrainArgs(
+        data=a.data, out=a.out, tokenizer=a.tokenizer, arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads,
+        kv_heads=a.kv_heads or 0, context=a.context, batch=a.batch, accum=a.accum, steps=a.steps or 1000, lr=a.lr,
+        warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, seed=a.seed, threads=a.threads or 0),
+        "--data FILE and --out DIR")
     r = t.train()
     print(f"step {r['step']}: train loss {r.get('train_loss', float('nan')):.4f}, "
           f"val loss {r.get('val_loss', float('nan')):.4f} (bigram baseline {r.get('bigram_loss', float('nan')):.4f}); "
@@ -349,18 +354,11 @@ def cmd_export(a) -> int:
 def cmd_finetune(a) -> int:
     from .training.finetune import FinetuneArgs, Finetuner
 
-    progress = False if a.no_progress else None
-    if a.resume:
-        if a.data or a.out:
-            raise ValueError("--resume DIR continues a run with its own data and output; drop --data/--out")
-        t = Finetuner.resume(a.resume, a.steps, threads=a.threads, progress=progress, verbose=not a.quiet)
-    else:
-        if not a.data or not a.out:
-            raise ValueError("finetune needs --data FILE.jsonl and --out DIR (or --resume DIR)")
-        args = FinetuneArgs(data=a.data, out=a.out, base=a.model, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
-                            targets=a.targets, epochs=a.epochs, steps=a.steps or 0, lr=a.lr, batch=a.batch,
-                            context=a.context, seed=a.seed, save_every=a.save_every, threads=a.threads or 0)
-        t = Finetuner.new(args, progress=progress, verbose=not a.quiet)
+    t = _start_or_resume(a, Finetuner, lambda: FinetuneArgs(
+        data=a.data, out=a.out, base=a.model, rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
+        epochs=a.epochs, steps=a.steps or 0, lr=a.lr, batch=a.batch, context=a.context, seed=a.seed,
+        save_every=a.save_every, threads=a.threads or 0),
+        "--data FILE.jsonl and --out DIR")
     r = t.train()
     print(f"step {r['step']}: loss {r['loss'] if r['loss'] is not None else float('nan'):.4f}; adapter in {r['out']}")
     return 0
