@@ -115,12 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default min(100, steps/10))")
     p.add_argument("--eval-every", type=_positive_int, default=100, help="evaluate every N steps (default 100)")
-    p.add_argument("--save-every", type=_positive_int, default=100, help="checkpoint every N steps (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the final losses")
+    _add_run_options(p, save_every=100, quiet="print only the final losses")
 
     p = sub.add_parser("export", help="write a model or training run as GGUF (llama.cpp) or a Hugging Face directory")
     p.add_argument("model", metavar="RUN_DIR|MODEL", help="a training run directory, or any model scratchlm loads")
@@ -156,12 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
     p.add_argument("--batch", type=_positive_int, default=4, help="rows per step (default 4)")
     p.add_argument("--context", type=_positive_int, default=256, help="tokens per row (default 256)")
-    p.add_argument("--save-every", type=_positive_int, default=50, help="checkpoint every N steps (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the final line")
+    _add_run_options(p, save_every=50, quiet="print only the final line")
 
     p = sub.add_parser("merge", help="add a LoRA adapter into its base model's weights and write the merged model")
     _add_model(p)
@@ -170,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="the .gguf file or the directory to write")
     p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight precision (default f32)")
     return ap
+
+
+def _add_run_options(p: argparse.ArgumentParser, save_every: int, quiet: str) -> None:
+    """The options of a run directory's loop that `train` and `finetune` share."""
+    p.add_argument("--save-every", type=_positive_int, default=save_every,
+                   help=f"checkpoint every N steps (default {save_every})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet)
 
 
 def _add_adapter(p: argparse.ArgumentParser) -> None:
