@@ -32,8 +32,8 @@ def to_numpy(x) -> np.ndarray:
 # What a forward recorder receives, in order (layer names are prefixed "layers.{i}.").
 RECORDED = {
     "start": ("tokens", "embedding", "pos_embedding", "embedding+pos", "rope.inv_freq", "rope.cos", "rope.sin", "mask"),
-    # probs.blocks: the per-block probabilities of ops.causal_attention (training), instead of scores/probs
-    "layer": ("attention_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "probs.blocks", "heads",
+    # softmax.blocks: what ops.causal_attention saves per block (training), instead of scores/probs
+    "layer": ("attention_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "softmax.blocks", "heads",
               "attention_output", "residual_attention", "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_up", "ffn_act",
               "ffn_down", "residual_ffn"),
     "end": ("norm", "logits"),
@@ -203,9 +203,9 @@ class Model:
             if cache is not None:
                 k, v = cache.update(i, k, v, start_pos)  # [B,K,S,Hd] each
             if blocked:  # a whole sequence: its future is never computed
-                a, probs = ops.causal_attention(q, k, v, self.attention_block)  # [B,H,T,Hd]
+                a, saved = ops.causal_attention(q, k, v, self.attention_block)  # [B,H,T,Hd]
                 if r is not None:
-                    r("probs.blocks", probs)
+                    r("softmax.blocks", saved)
             else:
                 a = ops.attention(q, k, v, mask, record=r, record_scores=keep_scores)  # [B,H,T,Hd]
             if r is not None:

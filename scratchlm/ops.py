@@ -47,6 +47,13 @@ def _column_sums(a):
     return xp.ones((a.shape[0],), dtype=a.dtype, device=device(a)) @ a  # [N] @ [N,D] -> [D]
 
 
+def _row_sums(a):
+    """Sums over the last axis [..., n] -> [...], as a matrix-vector product: BLAS does it about 4x faster
+    than NumPy's reduction over short rows (measured on attention scores, rows of 128)."""
+    xp = array_namespace(a)
+    return a @ xp.ones((a.shape[-1],), dtype=a.dtype, device=device(a))  # [..., n] @ [n] -> [...]
+
+
 def _tanh_(x):
     """tanh(x) in place, like _exp_."""
     if is_numpy_array(x):
@@ -283,19 +290,27 @@ def rope_cos_sin(inv_freq: np.ndarray, start: int, T: int) -> tuple[np.ndarray, 
     return np.cos(angles), np.sin(angles)
 
 
-def rope(x, cos, sin):
+def rope(x, cos, sin, inplace: bool = False):
     """Rotate each pair (x[2i], x[2i+1]) of every head by its angle (Meta's interleaved layout).
 
     x: [B, T, N, Hd] (N heads), cos/sin: [T, Hd/2]  ->  [B, T, N, Hd]
 
     Each pair is a complex number x[2i] + i*x[2i+1] multiplied by e^(i*angle), as in Meta's reference.
-    On NumPy the pairs are viewed as complex64 in place (one complex multiply: 4x faster than the
-    four real products below); other namespaces use the real form.
+    On NumPy the pairs are viewed as complex64 (one complex multiply: 4x faster than the four real
+    products below); other namespaces use the real form. inplace=True writes the result into x (an
+    array of the caller's own, or a view into one) and returns it.
     """
     if is_numpy_array(x) and x.dtype in (np.float32, np.float64) and x.strides[-1] == x.itemsize:
         cdt = np.complex64 if x.dtype == np.float32 else np.complex128
         rot = (cos + 1j * sin).astype(cdt)[:, None, :]  # [T,1,Hd/2], e^(i*angle), broadcast over B and N
-        return (x.view(cdt) * rot).view(x.dtype)  # [B,T,N,Hd/2] complex -> [B,T,N,Hd] real
+        xc = x.view(cdt)  # [B,T,N,Hd] real -> [B,T,N,Hd/2] complex, the same memory
+        if inplace:
+            xc *= rot
+            return x
+        return (xc * rot).view(x.dtype)  # [B,T,N,Hd/2] complex -> [B,T,N,Hd] real
+    if inplace:
+        x[...] = rope(x, cos, sin)
+        return x
     xp = array_namespace(x)
     B, T, N, Hd = x.shape
     xr = xp.reshape(x, (B, T, N * Hd // 2, 2))  # [B,T,N,Hd] -> [B,T,N*Hd/2,2]: every head's pairs in one row
@@ -305,12 +320,12 @@ def rope(x, cos, sin):
     return xp.reshape(out, (B, T, N, Hd))
 
 
-def rope_backward(dy, cos, sin):
+def rope_backward(dy, cos, sin, inplace: bool = False):
     """Gradient of rope: the transpose of a rotation is the rotation by the opposite angle.
 
-    dy: [B, T, N, Hd], cos/sin: [T, Hd/2] -> [B, T, N, Hd]
+    dy: [B, T, N, Hd], cos/sin: [T, Hd/2] -> [B, T, N, Hd] (written into dy with inplace=True)
     """
-    return rope(dy, cos, -sin)
+    return rope(dy, cos, -sin, inplace=inplace)
 
 
 # --- attention -------------------------------------------------------------------------------
@@ -349,15 +364,29 @@ def attention(q, k, v, mask=None, record=None, record_scores: bool = True):
     return xp.reshape(out, (B, H, T, Hd))
 
 
+# exp(s) without subtracting the row max first is exact whenever nothing overflows or underflows; row sums
+# inside these bounds guarantee that (and keep e @ v far from float32's 3e38), otherwise the block is redone
+# with the max subtracted. The max pass and its subtraction cost a third of a block's softmax.
+_SUM_LOW, _SUM_HIGH = 1e-30, 1e30
+
+
+def _subtract_row_max(s):
+    """s - max(s) along the last axis, in place on a fresh array: exp of it cannot overflow."""
+    s -= array_namespace(s).max(s, axis=-1, keepdims=True)
+    return s
+
+
 def causal_attention(q, k, v, block: int = 64):
     """Causal attention of a whole sequence (no cache: T == S), one block of query rows at a time.
 
     Block [a, b) reads keys [0, b) only, so the future (the upper triangle, all -inf) is never computed:
     for T = n blocks that is (n+1)/2n of the full [T, T] work (3/4 at T=128, 5/8 at T=256), and only the
-    block's diagonal square needs the mask. The same numbers as attention() with the causal mask.
+    block's diagonal square needs the mask. The same numbers as attention() with the causal mask, with
+    the softmax taken apart as in FlashAttention: e = exp(scores - c) and its row sums l, so that
+    probs = e / l; the division goes on the block's output [.., Hd] instead of on e [.., b] (Hd < b).
 
-    q: [B, H, T, Hd]; k, v: [B, K, T, Hd]  ->  (out [B, H, T, Hd], probs: one [B, K, G, b-a, b] per block,
-    what causal_attention_backward needs).
+    q: [B, H, T, Hd]; k, v: [B, K, T, Hd]  ->  (out [B, H, T, Hd], saved: one (e [B, K, G, b-a, b],
+    1/l [B, K, G, b-a, 1]) per block, what causal_attention_backward needs).
     """
     xp = array_namespace(q)
     B, H, T, Hd = q.shape
@@ -367,49 +396,72 @@ def causal_attention(q, k, v, block: int = 64):
     kt = xp.permute_dims(k, (0, 1, 3, 2))[:, :, None]  # [B,K,T,Hd] -> [B,K,1,Hd,T]
     vg = v[:, :, None]  # [B,K,1,T,Hd]
     tri = xp.asarray(causal_mask(block, block))  # [block, block]: the diagonal square's mask
-    outs, probs = [], []
+
+    def scores(a, b):
+        s = qg[:, :, :, a:b] @ kt[..., :b]  # [B,K,G,b-a,Hd] @ [B,K,1,Hd,b] -> [B,K,G,b-a,b], fresh
+        s[..., a:b] += tri[:b - a, :b - a]  # the future inside the diagonal square
+        return s
+
+    outs, saved = [], []
     for a in range(0, T, block):
         b = min(a + block, T)
-        s = qg[:, :, :, a:b] @ kt[..., :b]  # [B,K,G,b-a,Hd] @ [B,K,1,Hd,b] -> [B,K,G,b-a,b]
-        s[..., a:b] += tri[:b - a, :b - a]  # the future inside the diagonal square
-        p = softmax(s, axis=-1, inplace=True)
-        outs.append(p @ vg[:, :, :, :b])  # [B,K,G,b-a,b] @ [B,K,1,b,Hd] -> [B,K,G,b-a,Hd]
-        probs.append(p)
+        e = _exp_(scores(a, b))  # c = 0
+        l = _row_sums(e)[..., None]  # [B,K,G,b-a,1]
+        if not bool(xp.all((l > _SUM_LOW) & (l < _SUM_HIGH))):  # some row overflowed or vanished: c = row max
+            e = _exp_(_subtract_row_max(scores(a, b)))
+            l = _row_sums(e)[..., None]
+        inv_l = 1.0 / l
+        o = e @ vg[:, :, :, :b]  # [B,K,G,b-a,b] @ [B,K,1,b,Hd] -> [B,K,G,b-a,Hd]
+        o *= inv_l  # softmax's division, on the narrow side
+        outs.append(o)
+        saved.append((e, inv_l))
     out = xp.concat(outs, axis=3)  # [B,K,G,T,Hd]
-    return xp.reshape(out, (B, H, T, Hd)), probs
+    return xp.reshape(out, (B, H, T, Hd)), saved
 
 
-def causal_attention_backward(dout, q, k, v, probs, block: int = 64):
-    """Gradients of causal_attention from dout [B, H, T, Hd], its inputs q [B, H, T, Hd], k, v [B, K, T, Hd]
-    and its per-block probabilities: (dq, dk, dv), block by block as attention_backward does it whole.
-    A block's keys [0, b) get gradient from its rows only; dk and dv add up over the blocks."""
+def causal_attention_backward(dout, q, k, v, out, saved, block: int = 64, grads=None):
+    """Gradients of causal_attention from dout [B, H, T, Hd], its inputs q [B, H, T, Hd], k, v [B, K, T, Hd],
+    its output `out` [B, H, T, Hd] and what it saved per block: (dq, dk, dv), block by block as
+    attention_backward does it whole. A block's keys [0, b) get gradient from its rows only; dk and dv
+    add up over the blocks. grads: three arrays shaped like q, k and v to write the gradients into (views
+    of the caller's fused buffer, say) instead of new ones.
+
+    With p = e / l: the softmax backward p * (dp - sum(dp * p)) needs the row sum sum_j dp_j p_j, which
+    equals dout . out (dp_j = dout . v_j and out = sum_j p_j v_j): a dot over Hd instead of over b. The
+    1/l goes on dout's rows first, so e is used as it was saved.
+    """
     xp = array_namespace(q)
     B, H, T, Hd = q.shape
     K = k.shape[1]
     G = H // K
     scale = 1.0 / math.sqrt(Hd)
     do = xp.reshape(dout, (B, K, G, T, Hd))  # [B,H,T,Hd] -> [B,K,G,T,Hd]
+    og = xp.reshape(out, (B, K, G, T, Hd))
     qg = xp.reshape(q, (B, K, G, T, Hd))
-    dk = xp.zeros(k.shape, dtype=k.dtype, device=device(k))  # [B,K,T,Hd]
-    dv = xp.zeros(v.shape, dtype=v.dtype, device=device(v))
-    dqs = []
+    if grads is None:
+        grads = tuple(xp.empty(a.shape, dtype=a.dtype, device=device(a)) for a in (q, k, v))
+    dq, dk, dv = grads  # [B,H,T,Hd], [B,K,T,Hd], [B,K,T,Hd]
+    dqg = xp.reshape(dq, (B, K, G, T, Hd))  # a view: H splits into K groups of G
+    dk[...] = 0.0  # dk and dv add up over the blocks
+    dv[...] = 0.0
     for j, a in enumerate(range(0, T, block)):
         b = min(a + block, T)
         n = G * (b - a)  # the block's rows of every query head sharing a kv head, stacked
-        p = xp.reshape(probs[j], (B, K, n, b))  # [B,K,G,b-a,b] -> [B,K,G*(b-a),b]
-        do_j = xp.reshape(do[:, :, :, a:b], (B, K, n, Hd))  # [B,K,G*(b-a),Hd]
+        e, inv_l = saved[j]
+        e = xp.reshape(e, (B, K, n, b))  # [B,K,G,b-a,b] -> [B,K,G*(b-a),b]
+        do_j = xp.reshape(do[:, :, :, a:b] * inv_l, (B, K, n, Hd))  # dout / l: [B,K,G,b-a,Hd] -> [B,K,G*(b-a),Hd]
+        o_j = xp.reshape(og[:, :, :, a:b], (B, K, n, Hd))
         q_j = xp.reshape(qg[:, :, :, a:b], (B, K, n, Hd))
-        dv[:, :, :b] += xp.permute_dims(p, (0, 1, 3, 2)) @ do_j  # [B,K,b,n] @ [B,K,n,Hd] -> [B,K,b,Hd]
-        ds = do_j @ xp.permute_dims(v[:, :, :b], (0, 1, 3, 2))  # [B,K,n,Hd] @ [B,K,Hd,b] -> [B,K,n,b]
-        ds -= xp.vecdot(ds, p)[..., None]  # softmax backward: p * (dp - sum(dp * p))
-        ds *= p
+        dv[:, :, :b] += xp.permute_dims(e, (0, 1, 3, 2)) @ do_j  # [B,K,b,n] @ [B,K,n,Hd] -> [B,K,b,Hd]
+        ds = do_j @ xp.permute_dims(v[:, :, :b], (0, 1, 3, 2))  # [B,K,n,Hd] @ [B,K,Hd,b] -> [B,K,n,b]: dp / l
+        ds -= xp.vecdot(do_j, o_j)[..., None]  # - sum(dp * p) / l, as dout . out / l: [B,K,n,1]
+        ds *= e  # = p * (dp - sum(dp * p))
         dq_j = ds @ k[:, :, :b]  # [B,K,n,b] @ [B,K,b,Hd] -> [B,K,n,Hd]
         dq_j *= scale
-        dqs.append(xp.reshape(dq_j, (B, K, G, b - a, Hd)))
+        dqg[:, :, :, a:b] = xp.reshape(dq_j, (B, K, G, b - a, Hd))  # [B,K,G*(b-a),Hd] -> [B,K,G,b-a,Hd]
         dk_j = xp.permute_dims(ds, (0, 1, 3, 2)) @ q_j  # [B,K,b,n] @ [B,K,n,Hd] -> [B,K,b,Hd]
         dk_j *= scale
         dk[:, :, :b] += dk_j
-    dq = xp.reshape(xp.concat(dqs, axis=3), (B, H, T, Hd))  # [B,K,G,T,Hd] -> [B,H,T,Hd]
     return dq, dk, dv
 
 

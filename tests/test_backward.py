@@ -294,18 +294,26 @@ def test_attention_backward(H, K):
 
 
 @pytest.mark.parametrize("H, K, T, block", [(4, 4, 9, 4), (4, 2, 16, 8), (6, 1, 5, 2), (4, 2, 6, 6)])
-def test_blocked_causal_attention_equals_the_masked_one(H, K, T, block):
+@pytest.mark.parametrize("size", [1.0, 12.0, 0.0])  # 12: scores up to ~1000, exp overflows without the max
+def test_blocked_causal_attention_equals_the_masked_one(H, K, T, block, size, monkeypatch):
     rng = np.random.default_rng(7)
     B, Hd = 2, 8
     q, k, v = rng.normal(size=(B, H, T, Hd)), rng.normal(size=(B, K, T, Hd)), rng.normal(size=(B, K, T, Hd))
+    q, k = q * (size or 1.0), k * (size or 1.0)
+    if size == 0.0:  # scores below -100 everywhere: row sums under 1e-30 without the max
+        q[..., 0], k[..., 0] = 20.0, -20.0
     dout = rng.normal(size=(B, H, T, Hd))
     saved = {}
     ref = ops.attention(q, k, v, ops.causal_mask(T, T), record=lambda n, a: saved.__setitem__(n, a))
-    out, probs = ops.causal_attention(q, k, v, block)
-    assert len(probs) == -(-T // block)
+    maxes = []  # the row max is taken only where the plain exp would leave float range
+    monkeypatch.setattr(ops, "_subtract_row_max", lambda s, f=ops._subtract_row_max: maxes.append(1) or f(s))
+    out, blocks = ops.causal_attention(q, k, v, block)
+    assert len(blocks) == -(-T // block)
+    assert bool(maxes) == (size != 1.0)
     check([out], [torch.tensor(ref)], tol=1e-12)
-    check(ops.causal_attention_backward(dout, q, k, v, probs, block),
+    check(ops.causal_attention_backward(dout, q, k, v, out, blocks, block),
           [torch.tensor(g) for g in ops.attention_backward(dout, q, k, v, saved["probs"])], tol=1e-12)
+    assert np.isfinite(out).all()
 
 
 def test_linear_and_embedding_backward(monkeypatch):
