@@ -8,6 +8,7 @@ K kv heads, G = H // K query heads per kv head, Hd head dim, F ffn hidden, V voc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -340,6 +341,12 @@ def causal_mask(T: int, S: int) -> np.ndarray:
     return np.where(visible, 0.0, -np.inf).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _diagonal_mask(block: int) -> np.ndarray:
+    """causal_mask(block, block), made once per block size for causal_attention (which only reads it)."""
+    return causal_mask(block, block)
+
+
 def attention(q, k, v, mask=None, record=None, record_scores: bool = True):
     """Causal grouped-query attention.
 
@@ -398,7 +405,7 @@ def causal_attention(q, k, v, block: int = 64):
     qg = xp.reshape(q * (1.0 / math.sqrt(Hd)), (B, K, G, T, Hd))  # [B,H,T,Hd] -> [B,K,G,T,Hd], scaled
     kt = xp.permute_dims(k, (0, 1, 3, 2))[:, :, None]  # [B,K,T,Hd] -> [B,K,1,Hd,T]
     vg = v[:, :, None]  # [B,K,1,T,Hd]
-    tri = xp.asarray(causal_mask(block, block))  # [block, block]: the diagonal square's mask
+    tri = xp.asarray(_diagonal_mask(block))  # [block, block]: the diagonal square's mask
 
     def scores(a, b):
         s = qg[:, :, :, a:b] @ kt[..., :b]  # [B,K,G,b-a,Hd] @ [B,K,1,Hd,b] -> [B,K,G,b-a,b], fresh

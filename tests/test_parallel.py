@@ -1,5 +1,5 @@
 """The chunked training step (training/parallel.py): a batch cut into chunks of rows run over threads gives
-the whole batch's loss and gradients, deterministically; LoRA dropout draws each chunk's masks from its own
+the whole batch's loss and gradients, the same bit for bit with any thread count; LoRA dropout draws each chunk's masks from its own
 generator. chunk_tokens is set small here so that these tiny batches are cut at all."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 import scratchlm
 from scratchlm.training.lora import LoRA
-from scratchlm.training.parallel import parallel_loss_and_grads, resolve_threads, split_evenly, usable_cores
+from scratchlm.training.parallel import parallel_loss_and_grads, resolve_threads, usable_cores
 from tests.test_backward import batch, build
 from tests.tiny_models import make_hf_llama
 
@@ -18,17 +18,6 @@ def close(a, b, rel=1e-5, floor=1e-7) -> bool:
     """Equal up to float32 rounding: within rel of b's largest entry, or `floor` for a gradient that is
     exactly zero in exact arithmetic (GPT-2's key bias: softmax ignores a shift shared by all keys)."""
     return float(np.max(np.abs(np.asarray(a, np.float64) - b))) <= rel * float(np.max(np.abs(b))) + floor
-
-
-def test_split_evenly_covers_every_item_in_near_equal_parts():
-    assert split_evenly(5, 2) == [slice(0, 2), slice(2, 5)]
-    assert split_evenly(16, 2) == [slice(0, 8), slice(8, 16)]
-    assert split_evenly(2, 8) == [slice(0, 1), slice(1, 2)]  # never an empty part
-    assert split_evenly(3, 1) == [slice(0, 3)]
-    for B in range(1, 12):
-        for n in range(1, 6):
-            rows = [r for s in split_evenly(B, n) for r in range(B)[s]]
-            assert rows == list(range(B))
 
 
 def test_resolve_threads():
@@ -51,8 +40,10 @@ def test_chunks_give_the_whole_batch_loss_and_gradients(case, threads, chunk_tok
     for name, g in grads.items():
         assert grads_s[name].shape == g.shape
         assert close(grads_s[name], g), name
-    again = parallel_loss_and_grads(model, ids, tgt, threads=threads, chunk_tokens=chunk_tokens)
-    assert again[0] == loss_s and all(np.array_equal(again[1][n], grads_s[n]) for n in grads)  # deterministic
+    # deterministic, and the same bit for bit with any thread count: the chunks are summed in their order
+    for n_threads in {threads, 1, 4}:
+        again = parallel_loss_and_grads(model, ids, tgt, threads=n_threads, chunk_tokens=chunk_tokens)
+        assert again[0] == loss_s and all(np.array_equal(again[1][n], grads_s[n]) for n in grads), n_threads
 
 
 def test_masked_shards_weigh_by_the_targets_they_count():
@@ -105,11 +96,12 @@ def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_determinis
 
     lora.dropout, lora.training = 0.3, True
     runs = []
-    for _ in range(2):
+    for threads in (2, 2, 1, 3):  # the masks are drawn per chunk: the same with any thread count
         lora.rng = np.random.default_rng(7)
-        runs.append(parallel_loss_and_grads(model, ids, tgt, wrt="adapters", threads=2, chunk_tokens=10))
-    assert runs[0][0] == runs[1][0] and abs(runs[0][0] - loss) > 1e-6  # the same masks again; not the dropout-free loss
-    assert all(np.array_equal(runs[0][1][n], runs[1][1][n]) for n in grads)
+        runs.append(parallel_loss_and_grads(model, ids, tgt, wrt="adapters", threads=threads, chunk_tokens=10))
+    assert abs(runs[0][0] - loss) > 1e-6  # not the dropout-free loss
+    for run in runs[1:]:  # the same masks again
+        assert run[0] == runs[0][0] and all(np.array_equal(runs[0][1][n], run[1][n]) for n in grads)
     lora.training = False
 
 

@@ -8,11 +8,12 @@ small model's step) on one core, and BLAS only spreads the matmuls. Data paralle
 
 n_j is the number of targets chunk j's loss averages over (B_j*T, or its loss-mask count) and N their
 sum, so the result is the loss and gradient of the whole batch (equal to one call up to float
-rounding). Each of n threads takes a contiguous run of chunks. It works because the backward keeps
+rounding). Each of n threads takes the next chunk not yet taken, so a core that runs slower (a shared
+machine's often does) takes fewer; the results are added up in chunk order whoever finishes first, so
+a step gives the same numbers bit for bit with any thread count. It works because the backward keeps
 no state between calls, and NumPy releases the GIL inside ufuncs, reductions and BLAS calls: with one
 BLAS thread each, n threads keep n cores busy. Chunks are also faster on one core: a chunk's
-activations stay in cache (CHUNK_TOKENS). The chunks, their threads and the order of the sums are
-fixed, so a step is deterministic for a given thread count.
+activations stay in cache (CHUNK_TOKENS).
 
 `keep_freed_memory` is the other half of a fast CPU step: see its docstring.
 """
@@ -20,6 +21,7 @@ fixed, so a step is deterministic for a given thread count.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -47,14 +49,6 @@ def resolve_threads(threads) -> int:
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise ValueError(f"--threads must be a non-negative integer, got {threads!r}")
     return threads or usable_cores()
-
-
-def split_evenly(n_items: int, n_parts: int) -> list[slice]:
-    """Split items 0..n_items-1 into min(n_parts, n_items) contiguous runs of near-equal size:
-    split_evenly(5, 2) -> [0:2, 2:5]."""
-    n = max(1, min(int(n_parts), n_items))
-    edges = [n_items * j // n for j in range(n + 1)]
-    return [slice(edges[j], edges[j + 1]) for j in range(n)]
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
@@ -104,12 +98,13 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
     jobs = list(zip(work, rngs))
 
     total = sum(n for _, n in work)
+    sums = _InOrderSum(len(jobs))
 
-    def run(part):
-        """Sum over this thread's chunks of n_j * loss_j and (n_j / N) * grads_j (n_j: the chunk's target
-        count), the weight applied inside the backward (grad_scale), so that adding up is all that is left."""
-        loss, acc = 0.0, None
-        for (c, n), rng in jobs[part]:
+    def run(_):
+        """Take chunks until none is left; each gives n_j * loss_j and (n_j / N) * grads_j (n_j: the chunk's
+        target count), the weight applied inside the backward (grad_scale), so that adding up is all that is left."""
+        while (j := sums.take()) is not None:
+            (c, n), rng = jobs[j]
             if ad is not None:
                 ad.set_thread_rng(rng)
             try:
@@ -118,23 +113,48 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
             finally:
                 if ad is not None:
                     ad.set_thread_rng(None)
-            loss += n * l
-            if acc is None:
-                acc = g  # the chunk's own fresh arrays (some are disjoint views of one fused gradient)
-            else:
-                for k, v in g.items():
-                    acc[k] += v
-        return loss, acc
+            sums.add(j, n * l, g)
 
-    parts = split_evenly(len(jobs), threads)  # contiguous runs of chunks, one per thread
+    n_threads = max(1, min(int(threads), len(jobs)))
     with _one_blas_thread():
-        results = list(_pool(len(parts)).map(run, parts)) if len(parts) > 1 else [run(parts[0])]
-    loss, grads = results[0]
-    for l, g in results[1:]:
-        loss += l
-        for k, v in g.items():
-            grads[k] += v
-    return loss / total, grads
+        if n_threads == 1:
+            run(0)
+        else:
+            list(_pool(n_threads).map(run, range(n_threads)))
+    return sums.loss / total, sums.grads
+
+
+class _InOrderSum:
+    """The sum of the chunks' losses and gradients, taken in chunk order whichever thread finishes first,
+    so that a step gives the same numbers bit for bit with any thread count. A result that arrives before
+    its turn waits (at most about one per thread)."""
+
+    def __init__(self, n_chunks: int):
+        self.loss, self.grads = 0.0, None
+        self._n, self._taken = n_chunks, 0
+        self._next, self._waiting = 0, {}
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        """The index of the next chunk nobody has taken yet, or None when all are taken."""
+        with self._lock:
+            if self._taken == self._n:
+                return None
+            self._taken += 1
+            return self._taken - 1
+
+    def add(self, j: int, loss: float, grads: dict) -> None:
+        with self._lock:
+            self._waiting[j] = (loss, grads)
+            while self._next in self._waiting:
+                loss, grads = self._waiting.pop(self._next)
+                self._next += 1
+                self.loss += loss
+                if self.grads is None:
+                    self.grads = grads  # the chunk's own fresh arrays (some are disjoint views of one fused gradient)
+                else:
+                    for k, v in grads.items():
+                        self.grads[k] += v
 
 
 def keep_freed_memory() -> None:
