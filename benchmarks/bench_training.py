@@ -1,11 +1,16 @@
-"""Training throughput: our NumPy trainer step (own backward, the batch in --threads shards, clipping, AdamW)
-against the same step in PyTorch autograd (transformers' LlamaForCausalLM / GPT2LMHeadModel, fp32, torch.optim.AdamW), side by side.
+"""Training throughput: our NumPy trainer step (own backward, the batch in chunks over --threads threads,
+clipping, AdamW) against the same step in PyTorch autograd (transformers' LlamaForCausalLM /
+GPT2LMHeadModel, fp32, torch.optim.AdamW), side by side.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_training.py [--arch llama] [--layers 4 --dim 128 ...]
 
 Each side runs in its own child process (so peak memory is its own: resource.getrusage's ru_maxrss),
-both with 2 threads; the rounds alternate ours/torch so machine noise hits both alike. Reported:
-tokens/s (B*T per optimizer step / seconds per step, median of rounds), the ratio ours/torch, and peak RSS.
+both with the same thread count. The two processes take turns step by step: the parent tells one to
+run a step, waits for it, pauses, then tells the other, ours first in one pair and torch first in the
+next. A shared 2-core VM's speed drifts by 20-40% within seconds to minutes; two steps a fraction of a
+second apart see the same machine, so the ratio of each pair is measured on equal terms. Reported:
+tokens/s (B*T per step / the median step time), peak RSS, and the ratio ours/torch as the median of the
+pairs' ratios, with its quartiles.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PAUSE_S = 0.1  # between steps: idle threads of the side that just ran (OpenMP, BLAS) go to sleep
 
 
 def _cfg(a):
@@ -36,9 +42,8 @@ def _batches(a, n):
             for _ in range(n)]
 
 
-def worker_ours(a) -> dict:
-    import numpy as np  # noqa: F401
-
+def setup_ours(a):
+    """Our model and optimizer; returns (step(x, y) -> (loss, phase seconds), params)."""
     from scratchlm.model import Model
     from scratchlm.training.optim import AdamW, clip_grad_norm
     from scratchlm.training.parallel import keep_freed_memory
@@ -48,27 +53,22 @@ def worker_ours(a) -> dict:
     cfg = _cfg(a)
     model = Model(cfg, init_weights(cfg, 0))
     opt = AdamW(model.weights, betas=(0.9, 0.95), weight_decay=0.1)
-    data = _batches(a, a.warmup + a.steps)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, phases = [], {"forward+backward": 0.0, "clip": 0.0, "adamw": 0.0}
-    for i, (x, y) in enumerate(data):
+
+    def step(x, y):
         t0 = time.perf_counter()
-        loss, grads = accumulate_grads(model, [(x, y)], threads=a.threads)  # the Trainer's step: shards in threads
+        loss, grads = accumulate_grads(model, [(x, y)], threads=a.threads)  # the Trainer's step: chunks in threads
         t1 = time.perf_counter()
         clip_grad_norm(grads, 1.0)
         t2 = time.perf_counter()
         opt.step(grads, 1e-3)
         t3 = time.perf_counter()
-        if i >= a.warmup:
-            times.append(t3 - t0)
-            phases["forward+backward"] += t1 - t0
-            phases["clip"] += t2 - t1
-            phases["adamw"] += t3 - t2
-    return {"step_s": times, "loss": float(loss), "params": cfg.n_params, "phases": phases,
-            "rss_before_mb": rss0 / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return loss, {"forward+backward": t1 - t0, "clip": t2 - t1, "adamw": t3 - t2}
+
+    return step, cfg.n_params
 
 
-def worker_torch(a) -> dict:
+def setup_torch(a):
+    """The same model in transformers and torch.optim.AdamW; returns (step(x, y) -> (loss, {}), params)."""
     import torch
     import transformers
 
@@ -88,26 +88,45 @@ def worker_torch(a) -> dict:
                                      embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
         model = transformers.GPT2LMHeadModel(hf)
     model = model.float().train()
-    n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.95))
-    data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in _batches(a, a.warmup + a.steps)]
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for i, (x, y) in enumerate(data):
-        t0 = time.perf_counter()
+
+    def step(x, y):
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
         logits = model(input_ids=x).logits  # [B,T,V]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t0)
-    return {"step_s": times, "loss": float(loss), "params": n_params, "attn": getattr(hf, "_attn_implementation", None),
-            "rss_before_mb": rss0 / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        return float(loss.detach()), {}
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def serve(a) -> None:
+    """A worker: set up, say "ready", then run one step per "step" line on stdin (answering its seconds),
+    and answer a JSON summary to "done"."""
+    step, n_params = setup_ours(a) if a.worker == "ours" else setup_torch(a)
+    data = _batches(a, 8)  # cycled: the same 8 batches on both sides
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    phases, loss, i = {}, None, 0
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        x, y = data[i % len(data)]
+        t0 = time.perf_counter()
+        loss, ph = step(x, y)
+        dt = time.perf_counter() - t0
+        i += 1
+        for k, v in ph.items():
+            phases[k] = phases.get(k, 0.0) + v
+        print(dt, flush=True)
+    print(json.dumps({"loss": float(loss), "params": n_params, "phases": phases, "rss_before_mb": rss0 / 1024,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 
 def parse(argv=None):
@@ -120,44 +139,68 @@ def parse(argv=None):
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=96, help="vocabulary size (96: a character model of code)")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
-    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    ap.add_argument("--json", action="store_true", help="print one JSON line (with every step's time)")
     return ap.parse_args(argv)
+
+
+def _quartiles(xs):
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return q[0], q[1], q[2]
 
 
 def main(argv=None) -> int:
     a = parse(argv)
     if a.worker:
-        r = worker_ours(a) if a.worker == "ours" else worker_torch(a)
-        print(json.dumps(r))
+        serve(a)
         return 0
     n = str(a.threads)  # both sides get the same thread count (BLAS pools for NumPy, intra-op for torch)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n)
     argv = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--json"]
-    results = {"ours": [], "torch": []}
-    for _ in range(a.rounds):
-        for side in ("ours", "torch"):
-            out = subprocess.run([sys.executable, __file__, "--worker", side] + argv, env=env, capture_output=True,
-                                 text=True, check=False)
-            if out.returncode:
-                print(out.stderr, file=sys.stderr)
-                return 1
-            results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    procs = {}
+    for side in ("ours", "torch"):  # one after the other: neither's start-up disturbs the other
+        p = subprocess.Popen([sys.executable, __file__, "--worker", side] + argv, env=env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if p.stdout.readline().strip() != "ready":
+            print(f"the {side} worker failed to start", file=sys.stderr)
+            return 1
+        procs[side] = p
+
+    def one_step(side) -> float:
+        time.sleep(PAUSE_S)
+        p = procs[side]
+        p.stdin.write("step\n")
+        p.stdin.flush()
+        return float(p.stdout.readline())
+
+    times = {"ours": [], "torch": []}
+    for k in range(a.warmup + a.steps):
+        order = ("ours", "torch") if k % 2 == 0 else ("torch", "ours")
+        pair = {side: one_step(side) for side in order}
+        if k >= a.warmup:
+            for side in order:
+                times[side].append(pair[side])
+    results = {}
+    for side, p in procs.items():
+        out, _ = p.communicate("done\n")
+        results[side] = json.loads(out.strip().splitlines()[-1])
+
     tokens = a.batch * a.context
     summary = {}
-    for side, rs in results.items():
-        step = statistics.median(s for r in rs for s in r["step_s"])
-        summary[side] = {"tok_s": tokens / step, "step_ms": step * 1e3, "params": rs[0]["params"],
-                         "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
-                         "rss_before_train_mb": max(r["rss_before_mb"] for r in rs)}
-    ph = results["ours"][-1]["phases"]
+    for side, r in results.items():
+        step = statistics.median(times[side])
+        summary[side] = {"tok_s": tokens / step, "step_ms": step * 1e3, "params": r["params"], "loss": r["loss"],
+                         "peak_rss_mb": r["peak_rss_mb"], "rss_before_train_mb": r["rss_before_mb"]}
+    ph = results["ours"]["phases"]
     tot = sum(ph.values())
     summary["ours"]["phases"] = {k: round(v / tot, 3) for k, v in ph.items()}
-    summary["ratio"] = summary["ours"]["tok_s"] / summary["torch"]["tok_s"]
+    pairs = [t / o for o, t in zip(times["ours"], times["torch"])]  # ours/torch in tokens/s, pair by pair
+    q1, med, q3 = _quartiles(pairs)
+    summary.update(ratio=med, ratio_q1=q1, ratio_q3=q3, pairs=len(pairs))
+    summary["step_ms"] = {k: [round(t * 1e3, 1) for t in v] for k, v in times.items()}  # every timed step, in order
     summary["shape"] = dict(arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads, kv_heads=a.kv_heads or a.heads,
                             context=a.context, batch=a.batch, vocab=a.vocab, threads=a.threads)
     if a.json:
@@ -165,12 +208,12 @@ def main(argv=None) -> int:
         return 0
     s = summary["shape"]
     print(f"{s['arch']} L={s['layers']} D={s['dim']} H={s['heads']} K={s['kv_heads']} T={s['context']} B={s['batch']} "
-          f"V={s['vocab']}, {a.threads} threads, median of {a.rounds}x{a.steps} steps")
+          f"V={s['vocab']}, {a.threads} threads, {a.steps} steps each, taking turns")
     for side in ("ours", "torch"):
         r = summary[side]
-        print(f"  {side:<6} {r['tok_s']:>9,.0f} tok/s  {r['step_ms']:7.1f} ms/step  params {r['params']:,}  "
+        print(f"  {side:<6} {r['tok_s']:>9,.0f} tok/s  {r['step_ms']:7.1f} ms/step (median)  params {r['params']:,}  "
               f"peak RSS {r['peak_rss_mb']:.0f} MB (before training {r['rss_before_train_mb']:.0f} MB)")
-    print(f"  ratio ours/torch: {summary['ratio']:.2f}x")
+    print(f"  ratio ours/torch: {med:.2f}x (median of {len(pairs)} step pairs; quartiles {q1:.2f}-{q3:.2f})")
     print("  our step: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["ours"]["phases"].items()))
     return 0
 
