@@ -34,7 +34,7 @@ RECORDED = {
     "start": ("tokens", "embedding", "pos_embedding", "embedding+pos", "rope.inv_freq", "rope.cos", "rope.sin", "mask"),
     # softmax.blocks: what ops.causal_attention saves per block (training), instead of scores/probs
     "layer": ("attention_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "softmax.blocks", "heads",
-              "attention_output", "residual_attention", "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_up", "ffn_act",
+              "attention_output", "residual_attention", "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_tanh", "ffn_up", "ffn_act",
               "ffn_down", "residual_ffn"),
     "end": ("norm", "logits"),
 }
@@ -124,7 +124,9 @@ class Model:
         y = ops.linear(x, w)  # [..., in] @ [in, out] -> [..., out], a fresh array
         if self.adapter is not None:
             self.adapter.apply(i, group, x, y, r)  # += s * (x @ A.T) @ B.T, in place
-        return y if b is None else y + b
+        if b is not None:
+            y += b  # in place too: no second [..., out] array
+        return y
 
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         """A KV cache for `max_len` positions (at most the model's context)."""
@@ -221,7 +223,8 @@ class Model:
             h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,T,D]
             if gpt2:
                 up = self._project(i, "w13", h, L.w1, L.b1, r)  # [B,T,D] @ [D,F] -> [B,T,F]
-                act = ops.gelu_tanh(up)
+                tanh = ops.gelu_tanh_inner(up)  # kept: the backward needs it too
+                act = ops.gelu_tanh(up, tanh)
             else:
                 gu = self._project(i, "w13", h, L.w13, None, r)  # [B,T,D] @ [D,2F] -> [B,T,2F]
                 gate, up = gu[..., :F], gu[..., F:]  # [B,T,F] each
@@ -231,7 +234,9 @@ class Model:
             x = x + f  # residual
             if r is not None:
                 r("ffn_norm", h)
-                if not gpt2:
+                if gpt2:
+                    r("ffn_tanh", tanh)
+                else:
                     r("ffn_gate", gate)
                     r("ffn_sigmoid", sig)
                 r("ffn_up", up)

@@ -99,29 +99,36 @@ def rms_norm_backward(dy, x, w, eps: float):
 def layer_norm(x, w, b, eps: float):
     """LayerNorm (GPT-2): (x - mean) / sqrt(var + eps) * w + b, over the last axis."""
     xp = array_namespace(x)
-    mu = xp.mean(x, axis=-1, keepdims=True)  # [..., D] -> [..., 1]
-    xc = x - mu
-    var = xp.mean(xc * xc, axis=-1, keepdims=True)  # [..., 1]
-    return xc * (1.0 / xp.sqrt(var + eps)) * w + b
+    xc = x - _row_sums(x)[..., None] / x.shape[-1]  # [..., D] - [..., 1]: centred, a fresh array
+    r = 1.0 / xp.sqrt(xp.vecdot(xc, xc)[..., None] / x.shape[-1] + eps)  # [..., 1]: 1/std
+    xc *= r
+    xc *= w
+    xc += b
+    return xc
 
 
 def layer_norm_backward(dy, x, w, eps: float):
     """Gradients of layer_norm from dy [..., D] and the forward's input x: (dx, dw, db).
 
-    With xh = (x - mean) * r and g = dy*w: dx = r * (g - mean(g) - xh * mean(g*xh)), the mean and
-    the variance each taking their share back out of g.
+    With xc = x - mean, r = 1/std, xh = xc * r and g = dy*w: dx = r * (g - mean(g) - xh * mean(g*xh)),
+    the mean and the variance each taking their share back out of g. As in rms_norm_backward, the
+    sums come from one product dy*xc and matrix-vector products: dw = r @ (dy*xc) over the rows,
+    mean(g) = (dy @ w) / D and mean(g*xh) = r/D * (dy*xc) @ w, so dx = r*(g - mean(g)) - xc * r^3/D * (dy*xc) @ w.
     """
     xp = array_namespace(x)
     D = x.shape[-1]
-    xc = x - xp.mean(x, axis=-1, keepdims=True)  # [..., D]
-    r = 1.0 / xp.sqrt(xp.mean(xc * xc, axis=-1, keepdims=True) + eps)  # [..., 1]
-    xh = xc * r  # [..., D]
-    dy2 = xp.reshape(dy, (-1, D))  # [N,D]
-    dw = _column_sums(xp.reshape(dy * xh, (-1, D)))  # [N,D] -> [D]
-    db = _column_sums(dy2)  # [N,D] -> [D]
+    xc = x - _row_sums(x)[..., None] / D  # [..., D]
+    r = 1.0 / xp.sqrt(xp.vecdot(xc, xc)[..., None] / D + eps)  # [..., 1]
+    dyxc = dy * xc  # [..., D]
+    dw = xp.reshape(r, (-1,)) @ xp.reshape(dyxc, (-1, D))  # [N] @ [N,D] -> [D]: sum over rows of dy*xh
+    db = _column_sums(xp.reshape(dy, (-1, D)))  # [N,D] -> [D]
+    c = (dyxc @ w)[..., None]  # [..., D] @ [D] -> [..., 1]: sum of dy*w*xc per row
+    c *= r * r * r / D  # r * mean(g*xh)
     g = dy * w  # [..., D]
-    dx = r * (g - xp.mean(g, axis=-1, keepdims=True) - xh * xp.mean(g * xh, axis=-1, keepdims=True))  # [..., D]
-    return dx, dw, db
+    g -= (dy @ w)[..., None] / D  # - mean(g)
+    g *= r
+    g -= xc * c  # dx
+    return g, dw, db
 
 
 # --- activations -----------------------------------------------------------------------------
@@ -161,44 +168,49 @@ def swiglu_backward(dy, gate, up, sig=None):
     return dgate, dup
 
 
-def gelu_tanh(x):
-    """GELU, tanh approximation (GPT-2's "gelu_new"): 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi).
-    Computed in one fresh array, updated in place."""
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh_inner(x):
+    """tanh(u), u = c (x + 0.044715 x^3), c = sqrt(2/pi): the part of gelu_tanh its backward needs
+    again (the model keeps it). One fresh array: u as x * (c + c*0.044715 x^2), then tanh in place."""
     t = x * x
-    t *= 0.044715
-    t += 1.0
-    t *= x
-    t *= math.sqrt(2.0 / math.pi)  # c (x + 0.044715 x^3)
-    t = _tanh_(t)
-    t += 1.0
-    t *= x
-    t *= 0.5
-    return t
+    t *= _GELU_C * 0.044715
+    t += _GELU_C
+    t *= x  # u
+    return _tanh_(t)
 
 
-def gelu_tanh_backward(dy, x):
-    """d gelu_tanh(x)/dx * dy, with u = c*(x + 0.044715 x^3), t = tanh(u):
-    0.5*(1 + t) + 0.5*c*x*(1 + 3*0.044715 x^2)*(1 - t^2), in three fresh arrays updated in place."""
-    c = math.sqrt(2.0 / math.pi)
-    x2 = x * x
-    t = x2 * 0.044715
-    t += 1.0
-    t *= x
-    t *= c
-    t = _tanh_(t)  # tanh(u)
-    w = x2  # reused: 0.5 c x (1 + 3*0.044715 x^2)
-    w *= 3.0 * 0.044715
-    w += 1.0
+def gelu_tanh(x, t=None):
+    """GELU, tanh approximation (GPT-2's "gelu_new"): 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3),
+    c = sqrt(2/pi). `t`: tanh(u) when the caller has it (gelu_tanh_inner). One fresh array."""
+    if t is None:
+        y = gelu_tanh_inner(x)
+        y += 1.0
+    else:
+        y = t + 1.0  # fresh: t is the caller's
+    y *= x
+    y *= 0.5
+    return y
+
+
+def gelu_tanh_backward(dy, x, t=None):
+    """d gelu_tanh(x)/dx * dy, with t = tanh(u) (`t`, the forward's, or recomputed):
+    0.5*(1 + t) + 0.5*c*x*(1 + 3*0.044715 x^2)*(1 - t^2), in fresh arrays updated in place."""
+    if t is None:
+        t = gelu_tanh_inner(x)
+    w = x * x  # 0.5 c x (1 + 3*0.044715 x^2), as x * (0.5c + 1.5c*0.044715 x^2)
+    w *= 1.5 * _GELU_C * 0.044715
+    w += 0.5 * _GELU_C
     w *= x
-    w *= 0.5 * c
     s = t * t
     s -= 1.0
     w *= s  # times (t^2 - 1): subtracted below
-    t += 1.0
-    t *= 0.5
-    t -= w
-    t *= dy
-    return t
+    g = t + 1.0
+    g *= 0.5
+    g -= w
+    g *= dy
+    return g
 
 
 def softmax(x, axis: int = -1, inplace: bool = False):

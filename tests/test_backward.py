@@ -220,10 +220,12 @@ def test_activation_backwards():
     check(ops.swiglu_backward(dy, x, u, ops.sigmoid(x)), (tx.grad, tu.grad))  # the forward's sigmoid reused
     tx = t64(x)
     torch.nn.functional.gelu(tx, approximate="tanh").backward(torch.tensor(dy))
-    check([ops.gelu_tanh(x)], [torch.nn.functional.gelu(torch.tensor(x), approximate="tanh")])
+    ref = torch.nn.functional.gelu(torch.tensor(x), approximate="tanh")
+    check([ops.gelu_tanh(x), ops.gelu_tanh(x, ops.gelu_tanh_inner(x))], [ref, ref])
     tx = t64(x)
     torch.nn.functional.gelu(tx, approximate="tanh").backward(torch.tensor(dy))
     check([ops.gelu_tanh_backward(dy, x)], [tx.grad])
+    check([ops.gelu_tanh_backward(dy, x, ops.gelu_tanh_inner(x))], [tx.grad])  # the forward's tanh reused
     tx = t64(x)
     torch.softmax(tx, -1).backward(torch.tensor(dy))
     check([ops.softmax_backward(dy, ops.softmax(x))], [tx.grad])
