@@ -48,7 +48,7 @@ class _Layer:
     """The arrays of one transformer block, fused for the forward pass."""
 
     __slots__ = ("attn_norm_w", "attn_norm_b", "wqkv", "bqkv", "wo", "bo",
-                 "ffn_norm_w", "ffn_norm_b", "w13", "w1", "b1", "w2", "b2")
+                 "ffn_norm_w", "ffn_norm_b", "w13", "w1", "w3", "b1", "w2", "b2")
 
 
 class Model:
@@ -99,11 +99,13 @@ class Model:
                 L.bo = w[p + "attention.wo.bias"]
                 L.w1, L.b1 = w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w1.bias"]
                 L.b2 = w[p + "feed_forward.w2.bias"]
-                L.w13 = None
+                L.w13 = L.w3 = None
             else:
-                L.attn_norm_b = L.ffn_norm_b = L.bqkv = L.bo = L.b1 = L.b2 = L.w1 = None
-                # [2F, D]: one matmul yields the SwiGLU gate (w1) and up (w3) projections
+                L.attn_norm_b = L.ffn_norm_b = L.bqkv = L.bo = L.b1 = L.b2 = None
+                # [2F, D]: the SwiGLU gate (w1) and up (w3) projections, one matrix for LoRA's fused group;
+                # w1 and w3 are views of its halves
                 L.w13 = self._fuse([p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"])
+                L.w1, L.w3 = w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w3.weight"]
             self.layers.append(L)
 
     @property
@@ -226,8 +228,11 @@ class Model:
                 tanh = ops.gelu_tanh_inner(up)  # kept: the backward needs it too
                 act = ops.gelu_tanh(up, tanh)
             else:
-                gu = self._project(i, "w13", h, L.w13, None, r)  # [B,T,D] @ [D,2F] -> [B,T,2F]
-                gate, up = gu[..., :F], gu[..., F:]  # [B,T,F] each
+                if self.adapter is None:  # two matmuls into two arrays: faster than one [B,T,2F] read in strided halves
+                    gate, up = ops.linear(h, L.w1), ops.linear(h, L.w3)  # [B,T,D] @ [D,F] -> [B,T,F] each
+                else:  # LoRA adds to the fused output
+                    gu = self._project(i, "w13", h, L.w13, None, r)  # [B,T,D] @ [D,2F] -> [B,T,2F]
+                    gate, up = gu[..., :F], gu[..., F:]  # [B,T,F] each
                 sig = ops.sigmoid(gate)  # kept: the backward needs it too
                 act = ops.swiglu(gate, up, sig)
             f = self._project(i, "down", act, L.w2, L.b2, r)  # [B,T,F] @ [F,D] -> [B,T,D]

@@ -161,8 +161,8 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
             d_gate, d_up = ops.swiglu_backward(d_act, a["ffn_gate"], a["ffn_up"], a["ffn_sigmoid"])  # [B,T,F] each
             # the fused gate/up matrix's backward as its two halves: no [B,T,2F] gradient to concatenate
             # (two matmuls each way run faster than one concatenation and one matmul, measured)
-            dh, d_w1, _ = ops.linear_backward(d_gate, a["ffn_norm"], W[p + "feed_forward.w1.weight"], weight_grad=base)
-            dh_up, d_w3, _ = ops.linear_backward(d_up, a["ffn_norm"], W[p + "feed_forward.w3.weight"], weight_grad=base)
+            dh, d_w1, _ = ops.linear_backward(d_gate, a["ffn_norm"], L.w1, weight_grad=base)  # [B,T,D], [F,D]
+            dh_up, d_w3, _ = ops.linear_backward(d_up, a["ffn_norm"], L.w3, weight_grad=base)
             dh += dh_up  # [B,T,D]: x fed both halves
             if ad is not None:  # the adapters see the fused output's gradient
                 dh = lora_backward(i, "w13", xp.concat([d_gate, d_up], axis=-1), dh)  # [B,T,2F]
