@@ -10,7 +10,6 @@ writing through `weights` changes what the model computes).
 from __future__ import annotations
 
 import numpy as np
-from array_api_compat import array_namespace
 
 from . import ops
 from .cache import KVCache
@@ -60,7 +59,7 @@ class Model:
         self.tokenizer = tokenizer
         self.info = dict(info or {})
         self.weights = dict(weights)
-        self.xp = array_namespace(self.weights["tok_embeddings.weight"])
+        self.xp = ops.array_namespace(self.weights["tok_embeddings.weight"])
         self.adapter = None  # LoRA adapters (training/lora.py) the forward adds to its projections, or None
         self.attention_block = ATTENTION_BLOCK
         self._inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
