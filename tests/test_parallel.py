@@ -1,5 +1,5 @@
 """The chunked training step (training/parallel.py): a batch cut into chunks of rows run over threads gives
-the whole batch's loss and gradients, the same bit for bit with any thread count; LoRA dropout draws each chunk's masks from its own
+the whole batch's loss and gradients, the same bit for bit with thread counts that cut it alike; LoRA dropout draws each chunk's masks from its own
 generator. chunk_tokens is set small here so that these tiny batches are cut at all."""
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def test_chunks_give_the_whole_batch_loss_and_gradients(case, threads, chunk_tok
     for name, g in grads.items():
         assert grads_s[name].shape == g.shape
         assert close(grads_s[name], g), name
-    # deterministic, and the same bit for bit with any thread count: the chunks are summed in their order
+    # deterministic, and the same bit for bit with other thread counts that cut the batch alike (every count
+    # here, at these chunk sizes): the chunks are summed in their order
     for n_threads in {threads, 1, 4}:
         again = parallel_loss_and_grads(model, ids, tgt, threads=n_threads, chunk_tokens=chunk_tokens)
         assert again[0] == loss_s and all(np.array_equal(again[1][n], grads_s[n]) for n in grads), n_threads
@@ -63,6 +64,19 @@ def test_masked_shards_weigh_by_the_targets_they_count():
     assert abs(loss_s - loss) <= 1e-6 * abs(loss)
     for name, g in grads.items():
         assert close(grads_s[name], g), name
+
+
+def test_a_small_batch_is_cut_into_a_chunk_per_thread(monkeypatch):
+    _, model, _ = build("llama-gqa-scaled-tied")
+    ids, tgt = batch(model.config, B=6, T=8, seed=4)
+    calls = []
+    real = model.loss_and_grads
+    monkeypatch.setattr(model, "loss_and_grads", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
+    for threads, chunks in ((1, [6]), (2, [3, 3]), (4, [2, 2, 2])):  # 48 tokens fit one chunk of 64
+        calls.clear()
+        loss_s, _ = parallel_loss_and_grads(model, ids, tgt, threads=threads, chunk_tokens=64)
+        assert calls == chunks, threads
+        assert abs(loss_s - real(ids, tgt)[0]) <= 1e-6 * loss_s
 
 
 def test_one_row_is_the_plain_call_and_errors_stay_one_line():
@@ -96,7 +110,7 @@ def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_determinis
 
     lora.dropout, lora.training = 0.3, True
     runs = []
-    for threads in (2, 2, 1, 3):  # the masks are drawn per chunk: the same with any thread count
+    for threads in (2, 2, 1, 3):  # the masks are drawn per chunk: the same with thread counts that cut alike
         lora.rng = np.random.default_rng(7)
         runs.append(parallel_loss_and_grads(model, ids, tgt, wrt="adapters", threads=threads, chunk_tokens=10))
     assert abs(runs[0][0] - loss) > 1e-6  # not the dropout-free loss

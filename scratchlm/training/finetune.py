@@ -249,7 +249,7 @@ class FinetuneArgs:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        self.threads = resolve_threads(self.threads)  # fixed now and saved with the run (the numbers do not depend on it)
+        self.threads = resolve_threads(self.threads)  # fixed now and saved: a resume cuts batches and draws dropout alike
         if not isinstance(self.targets, str) or not self.targets.strip(","):
             raise ValueError(f"--targets must name projections (or all), got {self.targets!r}")
 
@@ -319,7 +319,7 @@ class Finetuner(RunLog):
     @classmethod
     def resume(cls, run_dir, steps: int | None = None, model=None, threads: int | None = None, **kw) -> "Finetuner":
         """Continue a run from its latest checkpoint; `steps` is the new total; `threads` replaces the run's
-        thread count (the numbers are the same with any count: dropout masks are drawn per chunk)."""
+        thread count (one that cuts batches otherwise draws other dropout masks)."""
         run_dir = Path(run_dir)
         meta = ck.read_json(run_dir / MARKER, "fine-tuning run description")
         if not isinstance(meta, dict) or not isinstance(meta.get("args"), dict):

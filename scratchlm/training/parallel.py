@@ -10,10 +10,11 @@ n_j is the number of targets chunk j's loss averages over (B_j*T, or its loss-ma
 sum, so the result is the loss and gradient of the whole batch (equal to one call up to float
 rounding). Each of n threads takes the next chunk not yet taken, so a core that runs slower (a shared
 machine's often does) takes fewer; the results are added up in chunk order whoever finishes first, so
-a step gives the same numbers bit for bit with any thread count. It works because the backward keeps
-no state between calls, and NumPy releases the GIL inside ufuncs, reductions and BLAS calls: with one
-BLAS thread each, n threads keep n cores busy. Chunks are also faster on one core: a chunk's
-activations stay in cache (CHUNK_TOKENS).
+a step is deterministic, and two thread counts that cut a batch into the same chunks give the same
+numbers bit for bit (chunk sizes depend on the thread count only when a batch is too small to give
+every thread a whole CHUNK_TOKENS chunk). It works because the backward keeps no state between calls,
+and NumPy releases the GIL inside ufuncs, reductions and BLAS calls: with one BLAS thread each, n
+threads keep n cores busy.
 
 `keep_freed_memory` is the other half of a fast CPU step: see its docstring.
 """
@@ -26,11 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-# Tokens per forward/backward call. A step over B rows runs as chunks of whole rows of about this many
-# tokens: small enough that a call's activations stay in a core's cache, large enough that Python's
-# cost per op stays small. Measured on the default training shape (B=16, T=128, 2 threads), a step in
-# chunks of 256 / 512 / 1024 / 2048 tokens: 154 / 138 / 149 / 211 ms.
-CHUNK_TOKENS = 512
+# Tokens per forward/backward call, at most. A step over B rows runs as chunks of whole rows of about this
+# many tokens (fewer where that gives every thread a chunk): large enough that Python's cost per op
+# (~2 ms a chunk) stays small, small enough to share a batch out. Measured on the default Llama shape with
+# 2 threads (B=16, T=128, 2048 tokens a step), 512 against 1024: 0.96x the time at 1024 (B=32, T=64:
+# 0.96x; B=8, T=256: 0.91x); 256 tokens took 1.14x the time of 512, and 2048 (B=64) 1.02x that of 1024.
+CHUNK_TOKENS = 1024
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _BLAS = None  # threadpoolctl's controller, made once (finding the loaded BLAS libraries scans them all)
@@ -69,8 +71,9 @@ def _one_blas_thread():
 
 def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all", threads: int = 1,
                            chunk_tokens: int = CHUNK_TOKENS):
-    """model.loss_and_grads over the batch cut into chunks of about `chunk_tokens` tokens (whole rows),
-    which `threads` threads share out and run side by side (see the module doc).
+    """model.loss_and_grads over the batch cut into chunks of whole rows, at most about `chunk_tokens` tokens
+    and at least one chunk per thread where the batch has the rows, which `threads` threads share out and run
+    side by side (see the module doc).
 
     Same arguments and result as Model.loss_and_grads. With one chunk (a small batch) or a model on another
     array backend (which threads its own ops) it is exactly that call. LoRA dropout (model.adapter) draws
@@ -83,7 +86,7 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
     if ids.ndim != 2 or not ids.shape[0] or not isinstance(model.weights["tok_embeddings.weight"], np.ndarray):
         return whole_batch()
     B, T = ids.shape
-    rows = max(1, int(chunk_tokens) // T)
+    rows = max(1, min(int(chunk_tokens) // T, -(-B // max(1, int(threads)))))  # one chunk per thread, at least
     chunks = [slice(a, min(a + rows, B)) for a in range(0, B, rows)]
     tgt = np.asarray(target_ids)
     mask = None if loss_mask is None else np.asarray(loss_mask)

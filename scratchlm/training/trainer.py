@@ -101,7 +101,7 @@ class TrainArgs:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("betas must be in [0, 1)")
-        self.threads = resolve_threads(self.threads)  # fixed now and saved with the run (the numbers do not depend on it)
+        self.threads = resolve_threads(self.threads)  # fixed now and saved, so a resume cuts batches alike
 
     @property
     def warmup_steps(self) -> int:
@@ -305,7 +305,7 @@ class Trainer(RunLog):
     def resume(cls, run_dir, steps: int | None = None, threads: int | None = None, **kw) -> "Trainer":
         """Continue a run from its latest checkpoint (from step 0 if it has none yet). `steps` is the new
         total; the cosine schedule is stretched to it (pass the original total for an exact continuation).
-        `threads` replaces the run's thread count (the numbers are the same with any count)."""
+        `threads` replaces the run's thread count (one that cuts batches otherwise changes float rounding)."""
         run_dir = Path(run_dir)
         if not ck.is_run_dir(run_dir):
             raise FormatError(f"{run_dir}: not a training run directory (no {ck.RUN_MARKER})")
