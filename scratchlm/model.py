@@ -33,7 +33,7 @@ RECORDED = {
     "start": ("tokens", "embedding", "pos_embedding", "embedding+pos", "rope.inv_freq", "rope.cos", "rope.sin", "mask"),
     # softmax.blocks: what ops.causal_attention saves per block (training), instead of scores/probs
     "layer": ("attention_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "softmax.blocks", "heads",
-              "attention_output", "residual_attention", "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_tanh", "ffn_up", "ffn_act",
+              "attention_output", "residual_attention", "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_phi", "ffn_up", "ffn_act",
               "ffn_down", "residual_ffn"),
     "end": ("norm", "logits"),
 }
@@ -224,8 +224,8 @@ class Model:
             h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,T,D]
             if gpt2:
                 up = self._project(i, "w13", h, L.w1, L.b1, r)  # [B,T,D] @ [D,F] -> [B,T,F]
-                tanh = ops.gelu_tanh_inner(up)  # kept: the backward needs it too
-                act = ops.gelu_tanh(up, tanh)
+                phi = ops.gelu_tanh_phi(up)  # kept: the backward needs it too
+                act = ops.gelu_tanh(up, phi)  # up * phi(up)
             else:
                 if self.adapter is None:  # two matmuls into two arrays: faster than one [B,T,2F] read in strided halves
                     gate, up = ops.linear(h, L.w1), ops.linear(h, L.w3)  # [B,T,D] @ [D,F] -> [B,T,F] each
@@ -239,7 +239,7 @@ class Model:
             if r is not None:
                 r("ffn_norm", h)
                 if gpt2:
-                    r("ffn_tanh", tanh)
+                    r("ffn_phi", phi)
                 else:
                     r("ffn_gate", gate)
                     r("ffn_sigmoid", sig)

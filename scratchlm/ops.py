@@ -186,44 +186,39 @@ def swiglu_backward(dy, gate, up, sig=None):
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def gelu_tanh_inner(x):
-    """tanh(u), u = c (x + 0.044715 x^3), c = sqrt(2/pi): the part of gelu_tanh its backward needs
-    again (the model keeps it). One fresh array: u as x * (c + c*0.044715 x^2), then tanh in place."""
-    t = x * x
-    t *= _GELU_C * 0.044715
-    t += _GELU_C
-    t *= x  # u
-    return _tanh_(t)
+def gelu_tanh_phi(x):
+    """Phi(x) ~ 0.5 (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi): the normal CDF in GPT-2's tanh form,
+    the factor GELU multiplies x by (the model keeps it for the backward). One fresh array, updated in place."""
+    p = x * x
+    p *= _GELU_C * 0.044715
+    p += _GELU_C
+    p *= x  # c (x + 0.044715 x^3), as x * (c + c*0.044715 x^2)
+    p = _tanh_(p)
+    p += 1.0
+    p *= 0.5
+    return p
 
 
-def gelu_tanh(x, t=None):
-    """GELU, tanh approximation (GPT-2's "gelu_new"): 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3),
-    c = sqrt(2/pi). `t`: tanh(u) when the caller has it (gelu_tanh_inner). One fresh array."""
-    if t is None:
-        y = gelu_tanh_inner(x)
-        y += 1.0
-    else:
-        y = t + 1.0  # fresh: t is the caller's
-    y *= x
-    y *= 0.5
-    return y
+def gelu_tanh(x, phi=None):
+    """GELU, tanh approximation (GPT-2's "gelu_new"): x * Phi(x) (gelu_tanh_phi; `phi` when the caller has it)."""
+    return x * (gelu_tanh_phi(x) if phi is None else phi)
 
 
-def gelu_tanh_backward(dy, x, t=None):
-    """d gelu_tanh(x)/dx * dy, with t = tanh(u) (`t`, the forward's, or recomputed):
-    0.5*(1 + t) + 0.5*c*x*(1 + 3*0.044715 x^2)*(1 - t^2), in fresh arrays updated in place."""
-    if t is None:
-        t = gelu_tanh_inner(x)
-    w = x * x  # 0.5 c x (1 + 3*0.044715 x^2), as x * (0.5c + 1.5c*0.044715 x^2)
-    w *= 1.5 * _GELU_C * 0.044715
-    w += 0.5 * _GELU_C
-    w *= x
-    s = t * t
-    s -= 1.0
-    w *= s  # times (t^2 - 1): subtracted below
-    g = t + 1.0
-    g *= 0.5
-    g -= w
+def gelu_tanh_backward(dy, x, phi=None):
+    """dy * d/dx [x Phi(x)] = dy * (Phi + x Phi'), with Phi = `phi` (the forward's, or recomputed).
+
+    With t = tanh(c (x + 0.044715 x^3)) = 2 Phi - 1: Phi' = 0.5 (1 - t^2) c (1 + 3*0.044715 x^2) and
+    1 - t^2 = 4 Phi (1 - Phi), so the derivative is Phi + Phi (1 - Phi) * 2c x (1 + 3*0.044715 x^2): from Phi
+    and x alone, in two fresh arrays updated in place (9 passes over [..., F])."""
+    p = gelu_tanh_phi(x) if phi is None else phi
+    w = x * x
+    w *= 2.0 * _GELU_C * 3.0 * 0.044715
+    w += 2.0 * _GELU_C
+    w *= x  # 2c x (1 + 3*0.044715 x^2)
+    g = 1.0 - p
+    g *= p
+    g *= w
+    g += p  # d gelu / dx
     g *= dy
     return g
 

@@ -221,11 +221,11 @@ def test_activation_backwards():
     tx = t64(x)
     torch.nn.functional.gelu(tx, approximate="tanh").backward(torch.tensor(dy))
     ref = torch.nn.functional.gelu(torch.tensor(x), approximate="tanh")
-    check([ops.gelu_tanh(x), ops.gelu_tanh(x, ops.gelu_tanh_inner(x))], [ref, ref])
+    check([ops.gelu_tanh(x), ops.gelu_tanh(x, ops.gelu_tanh_phi(x))], [ref, ref])
     tx = t64(x)
     torch.nn.functional.gelu(tx, approximate="tanh").backward(torch.tensor(dy))
     check([ops.gelu_tanh_backward(dy, x)], [tx.grad])
-    check([ops.gelu_tanh_backward(dy, x, ops.gelu_tanh_inner(x))], [tx.grad])  # the forward's tanh reused
+    check([ops.gelu_tanh_backward(dy, x, ops.gelu_tanh_phi(x))], [tx.grad])  # the forward's phi reused
     tx = t64(x)
     torch.softmax(tx, -1).backward(torch.tensor(dy))
     check([ops.softmax_backward(dy, ops.softmax(x))], [tx.grad])

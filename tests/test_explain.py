@@ -68,7 +68,7 @@ def expected_shapes(cfg, T):
         if cfg.arch == "llama":
             layer.update({"q_rope": (B, T, H, Hd), "k_rope": (B, T, K, Hd), "ffn_gate": (B, T, F), "ffn_sigmoid": (B, T, F)})
         else:
-            layer["ffn_tanh"] = (B, T, F)
+            layer["ffn_phi"] = (B, T, F)
         want.update({f"layers.{i}.{k}": v for k, v in layer.items()})
     return want
 

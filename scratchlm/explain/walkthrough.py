@@ -26,7 +26,7 @@ DIMS = {
     "attention_norm": BTD, "q": ("B", "T", "H", "Hd"), "k": ("B", "T", "K", "Hd"), "v": ("B", "T", "K", "Hd"),
     "q_rope": ("B", "T", "H", "Hd"), "k_rope": ("B", "T", "K", "Hd"), "scores": ("B", "H", "T", "S"),
     "probs": ("B", "H", "T", "S"), "heads": ("B", "H", "T", "Hd"), "attention_output": BTD,
-    "residual_attention": BTD, "ffn_norm": BTD, "ffn_gate": ("B", "T", "F"), "ffn_sigmoid": ("B", "T", "F"), "ffn_tanh": ("B", "T", "F"),
+    "residual_attention": BTD, "ffn_norm": BTD, "ffn_gate": ("B", "T", "F"), "ffn_sigmoid": ("B", "T", "F"), "ffn_phi": ("B", "T", "F"),
     "ffn_up": ("B", "T", "F"),
     "ffn_act": ("B", "T", "F"), "ffn_down": BTD, "residual_ffn": BTD, "norm": BTD, "logits": ("B", "T", "V"),
 }

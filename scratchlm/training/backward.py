@@ -19,7 +19,7 @@ from ..errors import PromptError
 
 # What the backward reads from the forward's recording (layer names are prefixed "layers.{i}.").
 _KEEP_LAYER = ("attention_norm", "q", "k", "q_rope", "k_rope", "v", "probs", "softmax.blocks", "heads", "residual_attention",
-               "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_tanh", "ffn_up", "ffn_act", "residual_ffn")
+               "ffn_norm", "ffn_gate", "ffn_sigmoid", "ffn_phi", "ffn_up", "ffn_act", "residual_ffn")
 _KEEP_OTHER = ("embedding", "embedding+pos", "rope.cos", "rope.sin", "norm")
 # what LoRA adapters record (training/lora.py), per fused group
 _KEEP_LORA = tuple(f"lora.{g}.{n}" for g in ("qkv", "o", "w13", "down") for n in ("x", "u", "keep"))
@@ -151,7 +151,7 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
         d_act, d_w2, d_b2 = ops.linear_backward(dx, a["ffn_act"], L.w2, bias=gpt2 and base, weight_grad=base)  # [B,T,F]
         d_act = lora_backward(i, "down", dx, d_act)
         if gpt2:
-            d_up = ops.gelu_tanh_backward(d_act, a["ffn_up"], a["ffn_tanh"])  # [B,T,F]
+            d_up = ops.gelu_tanh_backward(d_act, a["ffn_up"], a["ffn_phi"])  # [B,T,F]
             dh, d_w1, d_b1 = ops.linear_backward(d_up, a["ffn_norm"], L.w1, bias=base, weight_grad=base)  # [B,T,D]
             dh = lora_backward(i, "w13", d_up, dh)
             if base:
