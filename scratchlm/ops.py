@@ -170,17 +170,17 @@ def swiglu(gate, up, sig=None):
 def swiglu_backward(dy, gate, up, sig=None):
     """Gradients of swiglu(gate, up) = silu(gate) * up from dy [..., F]: (dgate, dup), each [..., F].
 
-    With s = sigmoid(gate) (`sig`, the forward's, or recomputed): dup = dy * gate * s and
-    dgate = dy * up * silu'(gate), silu'(gate) = s + silu(gate) * (1 - s)."""
+    With s = sigmoid(gate) (`sig`, the forward's, or recomputed) and p = dy * s: dup = dy * gate * s = p * gate,
+    and dgate = dy * up * silu'(gate) with silu'(gate) = s (1 + gate (1 - s)), so dgate = up * (p - dup (s - 1)):
+    6 passes over [..., F] in three fresh arrays."""
     s = sigmoid(gate) if sig is None else sig
-    sg = gate * s  # silu(gate)
-    dup = dy * sg
-    dgate = 1.0 - s  # fresh arrays, updated in place
-    dgate *= sg
-    dgate += s  # silu'(gate)
-    dgate *= up
-    dgate *= dy
-    return dgate, dup
+    p = dy * s
+    dup = p * gate
+    q = s - 1.0
+    q *= dup
+    p -= q
+    p *= up  # dgate
+    return p, dup
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
