@@ -70,6 +70,17 @@ def _row_sums(a):
     return a @ xp.ones((a.shape[-1],), dtype=a.dtype, device=device(a))  # [..., n] @ [n] -> [...]
 
 
+def _c_contiguous(x):
+    """x laid out row-major (a copy if it is a transposed view). BLAS runs a batch of [n, Hd] @ [Hd, b]
+    products 1.4x faster from a row-major [Hd, b] than from the transposed view of a [b, Hd] (measured
+    with Hd=32: 75 against 105-135 GFLOP/s)."""
+    if is_numpy_array(x):
+        return np.ascontiguousarray(x)
+    if is_torch_array(x):
+        return x.contiguous()
+    return x
+
+
 def _tanh_(x):
     """tanh(x) in place, like _exp_."""
     if is_numpy_array(x):
@@ -425,7 +436,7 @@ def causal_attention(q, k, v, block: int = 64):
     K = k.shape[1]
     G = H // K
     qg = xp.reshape(q * (1.0 / math.sqrt(Hd)), (B, K, G, T, Hd))  # [B,H,T,Hd] -> [B,K,G,T,Hd], scaled
-    kt = xp.permute_dims(k, (0, 1, 3, 2))[:, :, None]  # [B,K,T,Hd] -> [B,K,1,Hd,T]
+    kt = _c_contiguous(xp.permute_dims(k, (0, 1, 3, 2)))[:, :, None]  # [B,K,T,Hd] -> [B,K,1,Hd,T], row-major
     vg = v[:, :, None]  # [B,K,1,T,Hd]
     tri = xp.asarray(_diagonal_mask(block))  # [block, block]: the diagonal square's mask
 
@@ -474,6 +485,7 @@ def causal_attention_backward(dout, q, k, v, out, saved, block: int = 64, grads=
         grads = tuple(xp.empty(a.shape, dtype=a.dtype, device=device(a)) for a in (q, k, v))
     dq, dk, dv = grads  # [B,H,T,Hd], [B,K,T,Hd], [B,K,T,Hd]
     dqg = xp.reshape(dq, (B, K, G, T, Hd))  # a view: H splits into K groups of G
+    vt = _c_contiguous(xp.permute_dims(v, (0, 1, 3, 2)))  # [B,K,T,Hd] -> [B,K,Hd,T], row-major
     dk[...] = 0.0  # dk and dv add up over the blocks
     dv[...] = 0.0
     for j, a in enumerate(range(0, T, block)):
@@ -485,7 +497,7 @@ def causal_attention_backward(dout, q, k, v, out, saved, block: int = 64, grads=
         o_j = xp.reshape(og[:, :, :, a:b], (B, K, n, Hd))
         q_j = xp.reshape(qg[:, :, :, a:b], (B, K, n, Hd))
         dv[:, :, :b] += xp.permute_dims(e, (0, 1, 3, 2)) @ do_j  # [B,K,b,n] @ [B,K,n,Hd] -> [B,K,b,Hd]
-        ds = do_j @ xp.permute_dims(v[:, :, :b], (0, 1, 3, 2))  # [B,K,n,Hd] @ [B,K,Hd,b] -> [B,K,n,b]: dp / l
+        ds = do_j @ vt[..., :b]  # [B,K,n,Hd] @ [B,K,Hd,b] -> [B,K,n,b]: dp / l
         ds -= xp.vecdot(do_j, o_j)[..., None]  # - sum(dp * p) / l, as dout . out / l: [B,K,n,1]
         ds *= e  # = p * (dp - sum(dp * p))
         dq_j = ds @ k[:, :, :b]  # [B,K,n,b] @ [B,K,b,Hd] -> [B,K,n,Hd]
