@@ -16,6 +16,7 @@ import numpy as np
 from array_api_compat import array_namespace as _array_namespace
 from array_api_compat import device, is_numpy_array, is_torch_array
 
+
 def _numpy_namespace():
     """array_api_compat's NumPy namespace, with reshape and permute_dims as the plain array methods (the
     same results): its wrappers of those two cost ~2 us a call, and a training chunk makes ~300 of them."""
