@@ -484,12 +484,13 @@ def causal_attention_backward(dout, q, k, v, out, saved, block: int = 64, grads=
     qg = xp.reshape(q, (B, K, G, T, Hd))
     if grads is None:
         grads = tuple(xp.empty(a.shape, dtype=a.dtype, device=device(a)) for a in (q, k, v))
-    dq, dk, dv = grads  # [B,H,T,Hd], [B,K,T,Hd], [B,K,T,Hd]
+    dq, dk_out, dv_out = grads  # [B,H,T,Hd], [B,K,T,Hd], [B,K,T,Hd]
     dqg = xp.reshape(dq, (B, K, G, T, Hd))  # a view: H splits into K groups of G
     vt = _c_contiguous(xp.permute_dims(v, (0, 1, 3, 2)))  # [B,K,T,Hd] -> [B,K,Hd,T], row-major
-    dk[...] = 0.0  # dk and dv add up over the blocks
-    dv[...] = 0.0
-    for j, a in enumerate(range(0, T, block)):
+    dk = dv = None  # dk and dv add up over the blocks, in arrays of their own (`grads` may be strided views)
+    starts = list(range(0, T, block))
+    for j in reversed(range(len(starts))):  # the last block first: it reaches every key and sets dk and dv
+        a = starts[j]
         b = min(a + block, T)
         n = G * (b - a)  # the block's rows of every query head sharing a kv head, stacked
         e, inv_l = saved[j]
@@ -497,17 +498,22 @@ def causal_attention_backward(dout, q, k, v, out, saved, block: int = 64, grads=
         do_j = xp.reshape(do[:, :, :, a:b] * inv_l, (B, K, n, Hd))  # dout / l: [B,K,G,b-a,Hd] -> [B,K,G*(b-a),Hd]
         o_j = xp.reshape(og[:, :, :, a:b], (B, K, n, Hd))
         q_j = xp.reshape(qg[:, :, :, a:b], (B, K, n, Hd))
-        dv[:, :, :b] += xp.permute_dims(e, (0, 1, 3, 2)) @ do_j  # [B,K,b,n] @ [B,K,n,Hd] -> [B,K,b,Hd]
+        dv_j = xp.permute_dims(e, (0, 1, 3, 2)) @ do_j  # [B,K,b,n] @ [B,K,n,Hd] -> [B,K,b,Hd]
         ds = do_j @ vt[..., :b]  # [B,K,n,Hd] @ [B,K,Hd,b] -> [B,K,n,b]: dp / l
         ds -= xp.vecdot(do_j, o_j)[..., None]  # - sum(dp * p) / l, as dout . out / l: [B,K,n,1]
         ds *= e  # = p * (dp - sum(dp * p))
         dq_j = ds @ k[:, :, :b]  # [B,K,n,b] @ [B,K,b,Hd] -> [B,K,n,Hd]
         dq_j *= scale
         dqg[:, :, :, a:b] = xp.reshape(dq_j, (B, K, G, b - a, Hd))  # [B,K,G*(b-a),Hd] -> [B,K,G,b-a,Hd]
-        dk_j = xp.permute_dims(ds, (0, 1, 3, 2)) @ q_j  # [B,K,b,n] @ [B,K,n,Hd] -> [B,K,b,Hd]
-        dk_j *= scale
-        dk[:, :, :b] += dk_j
-    return dq, dk, dv
+        dk_j = xp.permute_dims(ds, (0, 1, 3, 2)) @ q_j  # [B,K,b,n] @ [B,K,n,Hd] -> [B,K,b,Hd], unscaled
+        if dk is None:  # b == T
+            dk, dv = dk_j, dv_j
+        else:
+            dk[:, :, :b] += dk_j
+            dv[:, :, :b] += dv_j
+    dk *= scale  # the scores' scale, once for all blocks
+    dk_out[...], dv_out[...] = dk, dv
+    return dq, dk_out, dv_out
 
 
 def attention_backward(dout, q, k, v, probs):
