@@ -431,7 +431,8 @@ def causal_attention(q, k, v, block: int = 64):
     probs = e / l; the division goes on the block's output [.., Hd] instead of on e [.., b] (Hd < b).
 
     q: [B, H, T, Hd]; k, v: [B, K, T, Hd]  ->  (out [B, H, T, Hd], saved: one (e [B, K, G, b-a, b],
-    1/l [B, K, G, b-a, 1]) per block, what causal_attention_backward needs).
+    1/l [B, K, G, b-a, 1]) per block, what causal_attention_backward needs). out is a view of [B, T, H, Hd]
+    memory, so that the caller's [B, T, H*Hd] for the output projection needs no copy.
     """
     xp = array_namespace(q)
     B, H, T, Hd = q.shape
@@ -448,7 +449,9 @@ def causal_attention(q, k, v, block: int = 64):
         s[..., a:b] += tri[:b - a, :b - a]  # the future inside the diagonal square
         return s
 
-    outs, saved = [], []
+    out = xp.empty((B, T, H, Hd), dtype=q.dtype, device=device(q))  # filled block by block
+    og = xp.permute_dims(xp.reshape(out, (B, T, K, G, Hd)), (0, 2, 3, 1, 4))  # a view: [B,K,G,T,Hd]
+    saved = []
     for a in range(0, T, block):
         b = min(a + block, T)
         e = _exp_(scores(a, b))  # c = 0
@@ -459,10 +462,9 @@ def causal_attention(q, k, v, block: int = 64):
         inv_l = 1.0 / l
         o = e @ vg[:, :, :, :b]  # [B,K,G,b-a,b] @ [B,K,1,b,Hd] -> [B,K,G,b-a,Hd]
         o *= inv_l  # softmax's division, on the narrow side
-        outs.append(o)
+        og[:, :, :, a:b] = o
         saved.append((e, inv_l))
-    out = xp.concat(outs, axis=3)  # [B,K,G,T,Hd]
-    return xp.reshape(out, (B, H, T, Hd)), saved
+    return xp.permute_dims(out, (0, 2, 1, 3)), saved  # [B,T,H,Hd] -> [B,H,T,Hd]
 
 
 def causal_attention_backward(dout, q, k, v, out, saved, block: int = 64, grads=None):
