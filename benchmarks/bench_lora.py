@@ -8,17 +8,22 @@ clipping + AdamW on the adapters. Each side runs in its own process (so peak mem
     python benchmarks/bench_lora.py                 # both sides, a table
     python benchmarks/bench_lora.py --steps 5 --batch 4 --context 256
 
-Both sides see the same rows in the same order (a seeded permutation), so their losses can be compared.
-Figures: tokens/s = B*T / median step time (every input position, as both sides process them all);
-peak RSS of the process (ru_maxrss), model loading included.
+The two processes take turns step by step (ours first in one pair, torch first in the next), as in
+bench_training.py: this shared VM's speed drifts within seconds, and two steps run back to back see the
+same machine. Both sides see the same rows in the same order (a seeded permutation), so their losses
+can be compared. Figures: tokens/s = B*T / median step time (every input position, as both sides
+process them all); the ratio = the median of the pairs' ratios; peak RSS of the process (ru_maxrss),
+model loading included.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,29 +55,25 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def side_ours(a) -> dict:
+def setup_ours(a):
+    """Our base model and Finetuner; returns (step() -> loss, load seconds)."""
     import scratchlm
     from scratchlm.training.finetune import FinetuneArgs, Finetuner
 
     t0 = time.perf_counter()
     model = scratchlm.load(a.model, progress=False)
     load_s = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as d:
-        ft = Finetuner.new(FinetuneArgs(data=str(DATA), out=d, base=a.model, rank=a.rank, alpha=a.alpha,
-                                        dropout=a.dropout, targets=TARGETS, batch=a.batch, context=a.context,
-                                        steps=a.warmup + a.steps, lr=2e-4, seed=0, plot=False, threads=a.threads),
-                           model=model, progress=False, verbose=False)
-        times, losses = [], []
-        for _ in range(a.warmup + a.steps):  # warm-up steps first (allocations, first-touch pages)
-            t = time.perf_counter()
-            r = ft.train_step()
-            times.append(time.perf_counter() - t)
-            losses.append(r["loss"])
-        ft._lock.close()
-    return {"load_s": load_s, "step_s": times[a.warmup:], "losses": losses, "peak_mib": _peak_mib()}
+    d = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, d, True)
+    ft = Finetuner.new(FinetuneArgs(data=str(DATA), out=d, base=a.model, rank=a.rank, alpha=a.alpha,
+                                    dropout=a.dropout, targets=TARGETS, batch=a.batch, context=a.context,
+                                    steps=a.warmup + a.steps, lr=2e-4, seed=0, plot=False, threads=a.threads),
+                       model=model, progress=False, verbose=False)
+    return lambda: ft.train_step()["loss"], load_s
 
 
-def side_torch(a) -> dict:
+def setup_torch(a):
+    """The same base in transformers + PEFT; returns (step() -> loss, load seconds)."""
     import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
@@ -92,13 +93,13 @@ def side_torch(a) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    times, losses = [], []
-    for s in range(a.warmup + a.steps):
-        idx = _batch_rows(len(rows), a.batch, s)
+    taken = iter(range(a.warmup + a.steps))
+
+    def step():
+        idx = _batch_rows(len(rows), a.batch, next(taken))
         x = torch.from_numpy(rows[idx, :-1])
         y = torch.from_numpy(rows[idx, 1:])
         m = torch.from_numpy(masks[idx, 1:].astype(np.float32))
-        t = time.perf_counter()
         logits = model(input_ids=x).logits  # [B,T,V]
         logp = torch.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0]  # [B,T]
         loss = -(logp * m).sum() / m.sum()  # the same assistant-only mean as ours
@@ -106,28 +107,43 @@ def side_torch(a) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        times.append(time.perf_counter() - t)
-        losses.append(float(loss))
-    return {"load_s": load_s, "step_s": times[a.warmup:], "losses": losses, "peak_mib": _peak_mib()}
+        return float(loss.detach())
+
+    return step, load_s
 
 
-def run_side(name: str, a) -> dict:
+def serve(a) -> None:
+    """A worker: set up, answer "ready <load seconds>", then one step per "step" line on stdin (answering
+    "<seconds> <loss>"), and its peak RSS to "done"."""
+    step, load_s = setup_ours(a) if a.side == "ours" else setup_torch(a)
+    print("ready", load_s, flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        t = time.perf_counter()
+        loss = step()
+        print(time.perf_counter() - t, loss, flush=True)
+    print(json.dumps({"peak_mib": _peak_mib()}), flush=True)
+
+
+def start_side(name: str, a) -> tuple[subprocess.Popen, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads),
                MKL_NUM_THREADS=str(a.threads), PYTHONPATH=str(ROOT))
     cmd = [sys.executable, __file__, "--side", name, "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch),
            "--context", str(a.context), "--rank", str(a.rank), "--threads", str(a.threads)]
     if a.model:
         cmd += ["--model", a.model]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode:
-        sys.exit(f"{name} side failed:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    p = subprocess.Popen(cmd, text=True, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    first = p.stdout.readline().split()
+    if first[:1] != ["ready"]:
+        sys.exit(f"the {name} side failed to start")
+    return p, float(first[1])
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="base model (default: the default model's GGUF)")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per side")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--context", type=int, default=256)
@@ -135,31 +151,41 @@ def main(argv=None) -> None:
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=1, help="alternate the two sides this many times")
     ap.add_argument("--side", choices=("ours", "torch"), default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.side:
-        r = side_ours(a) if a.side == "ours" else side_torch(a)
-        print(json.dumps(r))
+        serve(a)
         return
     import statistics
 
     tokens = a.batch * a.context
     print(f"LoRA fine-tuning, SmolLM2-135M-Instruct base (fp32), r={a.rank} alpha={a.alpha:g} targets={TARGETS}, "
-          f"batch {a.batch} x context {a.context} = {tokens} tokens/step, {a.threads} threads, {a.steps} timed steps")
-    res = {"ours": [], "torch": []}
-    for _ in range(a.rounds):
-        for name in ("ours", "torch"):
-            res[name].append(run_side(name, a))
-    med = {k: statistics.median(t for r in v for t in r["step_s"]) for k, v in res.items()}
+          f"batch {a.batch} x context {a.context} = {tokens} tokens/step, {a.threads} threads, {a.steps} timed steps "
+          f"each, taking turns")
+    procs, load = {}, {}
+    for name in ("ours", "torch"):  # one after the other: neither's loading disturbs the other
+        procs[name], load[name] = start_side(name, a)
+    times, losses = {"ours": [], "torch": []}, {"ours": [], "torch": []}
+    for k in range(a.warmup + a.steps):  # warm-up steps first (allocations, first-touch pages)
+        for name in ("ours", "torch") if k % 2 == 0 else ("torch", "ours"):
+            time.sleep(0.1)  # the other side's idle threads go to sleep
+            procs[name].stdin.write("step\n")
+            procs[name].stdin.flush()
+            dt, loss = procs[name].stdout.readline().split()
+            losses[name].append(float(loss))
+            if k >= a.warmup:
+                times[name].append(float(dt))
+    peak = {name: json.loads(p.communicate("done\n")[0].strip().splitlines()[-1])["peak_mib"] for name, p in procs.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    pairs = [t / o for o, t in zip(times["ours"], times["torch"])]
     print(f"{'':22}{'scratchlm':>14}{'transformers+PEFT':>20}")
     print(f"{'step time (median)':22}{med['ours']:>13.2f}s{med['torch']:>19.2f}s")
     print(f"{'tokens/s':22}{tokens / med['ours']:>14.1f}{tokens / med['torch']:>20.1f}")
-    print(f"{'peak RSS (MiB)':22}{max(r['peak_mib'] for r in res['ours']):>14.0f}"
-          f"{max(r['peak_mib'] for r in res['torch']):>20.0f}")
-    print(f"{'load (s)':22}{res['ours'][0]['load_s']:>14.2f}{res['torch'][0]['load_s']:>20.2f}")
-    print(f"{'first-step loss':22}{res['ours'][0]['losses'][0]:>14.4f}{res['torch'][0]['losses'][0]:>20.4f}")
-    print(f"speed ratio (scratchlm / transformers+PEFT): {med['torch'] / med['ours']:.2f}x")
+    print(f"{'peak RSS (MiB)':22}{peak['ours']:>14.0f}{peak['torch']:>20.0f}")
+    print(f"{'load (s)':22}{load['ours']:>14.2f}{load['torch']:>20.2f}")
+    print(f"{'first-step loss':22}{losses['ours'][0]:>14.4f}{losses['torch'][0]:>20.4f}")
+    print(f"speed ratio (scratchlm / transformers+PEFT): {statistics.median(pairs):.2f}x, the median of {len(pairs)} "
+          f"step pairs ({', '.join(f'{r:.2f}' for r in pairs)})")
 
 
 if __name__ == "__main__":
