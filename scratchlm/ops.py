@@ -409,9 +409,11 @@ def attention(q, k, v, mask=None, record=None, record_scores: bool = True):
     return xp.reshape(out, (B, H, T, Hd))
 
 
-# exp(s) without subtracting the row max first is exact whenever nothing overflows or underflows; row sums
-# inside these bounds guarantee that (and keep e @ v far from float32's 3e38), otherwise the block is redone
-# with the max subtracted. The max pass and its subtraction cost a third of a block's softmax.
+# exp(s) without subtracting the row max first gives the same softmax up to float rounding as long as
+# nothing overflows and each row keeps weight: row sums inside these bounds guarantee that (and keep e @ v
+# far from float32's 3e38; an entry far below its row's largest may still underflow, as with the max, to
+# ~1e-19 of the row's weight), otherwise the block is redone with the max subtracted. The max pass and its
+# subtraction cost a third of a block's softmax.
 _SUM_LOW, _SUM_HIGH = 1e-30, 1e30
 
 
@@ -426,9 +428,9 @@ def causal_attention(q, k, v, block: int = 64):
 
     Block [a, b) reads keys [0, b) only, so the future (the upper triangle, all -inf) is never computed:
     for T = n blocks that is (n+1)/2n of the full [T, T] work (3/4 at T=128, 5/8 at T=256), and only the
-    block's diagonal square needs the mask. The same numbers as attention() with the causal mask, with
-    the softmax taken apart as in FlashAttention: e = exp(scores - c) and its row sums l, so that
-    probs = e / l; the division goes on the block's output [.., Hd] instead of on e [.., b] (Hd < b).
+    block's diagonal square needs the mask. The same numbers as attention() with the causal mask (up to
+    float rounding), with the softmax taken apart as in FlashAttention: e = exp(scores - c) and its row
+    sums l, so that probs = e / l; the division goes on the block's output [.., Hd] instead of on e [.., b].
 
     q: [B, H, T, Hd]; k, v: [B, K, T, Hd]  ->  (out [B, H, T, Hd], saved: one (e [B, K, G, b-a, b],
     1/l [B, K, G, b-a, 1]) per block, what causal_attention_backward needs). out is a view of [B, T, H, Hd]

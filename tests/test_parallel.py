@@ -79,6 +79,45 @@ def test_a_small_batch_is_cut_into_a_chunk_per_thread(monkeypatch):
         assert abs(loss_s - real(ids, tgt)[0]) <= 1e-6 * loss_s
 
 
+def test_a_slow_chunk_holds_back_at_most_one_result_per_thread_and_a_failing_one_stops_all(monkeypatch):
+    import time
+
+    from scratchlm.training import parallel
+
+    _, model, _ = build("llama-gqa-scaled-tied")
+    ids, tgt = batch(model.config, B=24, T=8, seed=5)
+    real = model.loss_and_grads
+    waiting, add = [], parallel._InOrderSum.add
+
+    def slow_first(x, *a, **k):
+        if np.array_equal(x, ids[:1]):
+            time.sleep(0.3)  # chunk 0 finishes last: the others' results wait for its turn
+        return real(x, *a, **k)
+
+    def counting_add(self, *a):
+        add(self, *a)
+        waiting.append(len(self._waiting))
+
+    monkeypatch.setattr(parallel._InOrderSum, "add", counting_add)
+    monkeypatch.setattr(model, "loss_and_grads", slow_first)
+    loss_s, _ = parallel_loss_and_grads(model, ids, tgt, threads=3, chunk_tokens=8)  # 24 chunks of one row
+    assert abs(loss_s - real(ids, tgt)[0]) <= 1e-6 * loss_s
+    assert max(waiting) <= 2  # threads - 1 full gradient sets at most, not 23
+
+    calls = []
+
+    def failing(x, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("chunk failed")
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(model, "loss_and_grads", failing)
+    with pytest.raises(ValueError, match="chunk failed"):  # raised, not a hang of the threads waiting their turn
+        parallel_loss_and_grads(model, ids, tgt, threads=3, chunk_tokens=8)
+    assert len(calls) < 24
+
+
 def test_one_row_is_the_plain_call_and_errors_stay_one_line():
     _, model, _ = build("gpt2")
     ids, tgt = batch(model.config, B=1, T=8)

@@ -2,9 +2,10 @@
 
 `loss_and_grads(model, input_ids, target_ids)` runs the model's own `forward` with a recorder that
 keeps the activations the backward needs (the same decoder, not a second implementation), then
-walks the layers in reverse. Gradients of the fused matrices (wqkv, w13 and their biases) are
+walks the layers in reverse. The gradient of the fused q/k/v matrix (and GPT-2's fused bias) is
 computed once per layer and handed out as row slices under the canonical names, so q/k rows come
-out in Meta's interleaved order like the weights themselves.
+out in Meta's interleaved order like the weights themselves; Llama's gate and up halves (w1, w3)
+get one matmul each.
 
 The residual stream makes the walk simple: the gradient `dx` of the stream [B,T,D] passes each
 residual add unchanged, and each block adds what flows back through its normalisation.

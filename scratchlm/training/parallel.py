@@ -11,8 +11,8 @@ sum, so the result is the loss and gradient of the whole batch (equal to one cal
 rounding). Each of n threads takes the next chunk not yet taken, so a core that runs slower (a shared
 machine's often does) takes fewer; the results are added up in chunk order whoever finishes first, so
 a step is deterministic, and two thread counts that cut a batch into the same chunks give the same
-numbers bit for bit (chunk sizes depend on the thread count only when a batch is too small to give
-every thread a whole CHUNK_TOKENS chunk). It works because the backward keeps no state between calls,
+numbers bit for bit (chunk sizes depend on the thread count only for a batch of fewer than
+threads x CHUNK_TOKENS tokens, which is cut into at most ceil(B / threads) rows a chunk). It works because the backward keeps no state between calls,
 and NumPy releases the GIL inside ufuncs, reductions and BLAS calls: with one BLAS thread each, n
 threads keep n cores busy.
 
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 # Tokens per forward/backward call, at most. A step over B rows runs as chunks of whole rows of about this
-# many tokens (fewer where that gives every thread a chunk): large enough that Python's cost per op
+# many tokens (fewer for a batch too small to share out otherwise): large enough that Python's cost per op
 # (~2 ms a chunk) stays small, small enough to share a batch out. Measured on the default Llama shape with
 # 2 threads (B=16, T=128, 2048 tokens a step), 512 against 1024: 0.96x the time at 1024 (B=32, T=64:
 # 0.96x; B=8, T=256: 0.91x); 256 tokens took 1.14x the time of 512, and 2048 (B=64) 1.02x that of 1024.
@@ -72,8 +72,8 @@ def _one_blas_thread():
 def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all", threads: int = 1,
                            chunk_tokens: int = CHUNK_TOKENS):
     """model.loss_and_grads over the batch cut into chunks of whole rows, at most about `chunk_tokens` tokens
-    and at least one chunk per thread where the batch has the rows, which `threads` threads share out and run
-    side by side (see the module doc).
+    and at most ceil(B / threads) rows (so a small batch is still shared out), which `threads` threads take
+    one by one and run side by side (see the module doc).
 
     Same arguments and result as Model.loss_and_grads. With one chunk (a small batch) or a model on another
     array backend (which threads its own ops) it is exactly that call. LoRA dropout (model.adapter) draws
@@ -86,7 +86,7 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
     if ids.ndim != 2 or not ids.shape[0] or not isinstance(model.weights["tok_embeddings.weight"], np.ndarray):
         return whole_batch()
     B, T = ids.shape
-    rows = max(1, min(int(chunk_tokens) // T, -(-B // max(1, int(threads)))))  # one chunk per thread, at least
+    rows = max(1, min(int(chunk_tokens) // T, -(-B // max(1, int(threads)))))  # a small batch still shared out
     chunks = [slice(a, min(a + rows, B)) for a in range(0, B, rows)]
     tgt = np.asarray(target_ids)
     mask = None if loss_mask is None else np.asarray(loss_mask)
@@ -101,7 +101,8 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
     jobs = list(zip(work, rngs))
 
     total = sum(n for _, n in work)
-    sums = _InOrderSum(len(jobs))
+    n_threads = max(1, min(int(threads), len(jobs)))
+    sums = _InOrderSum(len(jobs), ahead=n_threads)
 
     def run(_):
         """Take chunks until none is left; each gives n_j * loss_j and (n_j / N) * grads_j (n_j: the chunk's
@@ -113,12 +114,14 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
             try:
                 l, g = model.loss_and_grads(ids[c], tgt[c], loss_mask=None if mask is None else mask[c], wrt=wrt,
                                             grad_scale=n / total)
+            except BaseException:
+                sums.stop()  # the other threads take nothing more (nor wait for this chunk's turn)
+                raise
             finally:
                 if ad is not None:
                     ad.set_thread_rng(None)
             sums.add(j, n * l, g)
 
-    n_threads = max(1, min(int(threads), len(jobs)))
     with _one_blas_thread():
         if n_threads == 1:
             run(0)
@@ -129,25 +132,28 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
 
 class _InOrderSum:
     """The sum of the chunks' losses and gradients, taken in chunk order whichever thread finishes first,
-    so that a step gives the same numbers bit for bit with any thread count. A result that arrives before
-    its turn waits (at most about one per thread)."""
+    so that a step's numbers do not depend on which thread ran which chunk. A result that arrives before
+    its turn waits for it; a thread takes no chunk more than `ahead` past the next one to add, so at most
+    ahead - 1 results (each a full set of gradients) ever wait."""
 
-    def __init__(self, n_chunks: int):
+    def __init__(self, n_chunks: int, ahead: int):
         self.loss, self.grads = 0.0, None
-        self._n, self._taken = n_chunks, 0
-        self._next, self._waiting = 0, {}
-        self._lock = threading.Lock()
+        self._n, self._ahead, self._taken = n_chunks, max(1, ahead), 0
+        self._next, self._waiting, self._stopped = 0, {}, False
+        self._turn = threading.Condition()
 
     def take(self) -> int | None:
-        """The index of the next chunk nobody has taken yet, or None when all are taken."""
-        with self._lock:
-            if self._taken == self._n:
+        """The index of the next chunk nobody has taken yet (waiting while it is too far ahead of the sum),
+        or None when all are taken or a thread has failed."""
+        with self._turn:
+            self._turn.wait_for(lambda: self._stopped or self._taken < self._next + self._ahead)
+            if self._stopped or self._taken == self._n:
                 return None
             self._taken += 1
             return self._taken - 1
 
     def add(self, j: int, loss: float, grads: dict) -> None:
-        with self._lock:
+        with self._turn:
             self._waiting[j] = (loss, grads)
             while self._next in self._waiting:
                 loss, grads = self._waiting.pop(self._next)
@@ -158,6 +164,13 @@ class _InOrderSum:
                 else:
                     for k, v in grads.items():
                         self.grads[k] += v
+            self._turn.notify_all()
+
+    def stop(self) -> None:
+        """A chunk failed: let every thread stop taking chunks."""
+        with self._turn:
+            self._stopped = True
+            self._turn.notify_all()
 
 
 def keep_freed_memory() -> None:
