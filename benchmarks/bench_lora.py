@@ -8,27 +8,26 @@ clipping + AdamW on the adapters. Each side runs in its own process (so peak mem
     python benchmarks/bench_lora.py                 # both sides, a table
     python benchmarks/bench_lora.py --steps 5 --batch 4 --context 256
 
-The two processes take turns step by step (ours first in one pair, torch first in the next), as in
-bench_training.py: this shared VM's speed drifts within seconds, and two steps run back to back see the
-same machine. Both sides see the same rows in the same order (a seeded permutation), so their losses
-can be compared. Figures: tokens/s = B*T / median step time (every input position, as both sides
-process them all); the ratio = the median of the pairs' ratios; peak RSS of the process (ru_maxrss),
-model loading included.
+The two processes take turns step by step (turns.py, as bench_training.py: this shared VM's speed drifts
+within seconds, and two steps run back to back see the same machine). Both sides see the same rows in the
+same order (a seeded permutation), so their losses can be compared. Figures: tokens/s = B*T / median step
+time (every input position, as both sides process them all); the ratio = the median of the pairs' ratios;
+peak RSS of the process (ru_maxrss), model loading included.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import turns
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "sdu_weihai.jsonl"
@@ -113,31 +112,15 @@ def setup_torch(a):
 
 
 def serve(a) -> None:
-    """A worker: set up, answer "ready <load seconds>", then one step per "step" line on stdin (answering
-    "<seconds> <loss>"), and its peak RSS to "done"."""
+    """A worker (turns.serve): says its load time when ready, each step's loss, and its peak RSS at the end."""
     step, load_s = setup_ours(a) if a.side == "ours" else setup_torch(a)
-    print("ready", load_s, flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        t = time.perf_counter()
-        loss = step()
-        print(time.perf_counter() - t, loss, flush=True)
-    print(json.dumps({"peak_mib": _peak_mib()}), flush=True)
+    turns.serve(lambda: {"loss": step()}, load_s, lambda: {"peak_mib": _peak_mib()})
 
 
-def start_side(name: str, a) -> tuple[subprocess.Popen, float]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads),
-               MKL_NUM_THREADS=str(a.threads), PYTHONPATH=str(ROOT))
+def side_cmd(name: str, a) -> list[str]:
     cmd = [sys.executable, __file__, "--side", name, "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch", str(a.batch),
            "--context", str(a.context), "--rank", str(a.rank), "--threads", str(a.threads)]
-    if a.model:
-        cmd += ["--model", a.model]
-    p = subprocess.Popen(cmd, text=True, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    first = p.stdout.readline().split()
-    if first[:1] != ["ready"]:
-        sys.exit(f"the {name} side failed to start")
-    return p, float(first[1])
+    return cmd + ["--model", a.model] if a.model else cmd
 
 
 def main(argv=None) -> None:
@@ -162,28 +145,19 @@ def main(argv=None) -> None:
     print(f"LoRA fine-tuning, SmolLM2-135M-Instruct base (fp32), r={a.rank} alpha={a.alpha:g} targets={TARGETS}, "
           f"batch {a.batch} x context {a.context} = {tokens} tokens/step, {a.threads} threads, {a.steps} timed steps "
           f"each, taking turns")
-    procs, load = {}, {}
-    for name in ("ours", "torch"):  # one after the other: neither's loading disturbs the other
-        procs[name], load[name] = start_side(name, a)
-    times, losses = {"ours": [], "torch": []}, {"ours": [], "torch": []}
-    for k in range(a.warmup + a.steps):  # warm-up steps first (allocations, first-touch pages)
-        for name in ("ours", "torch") if k % 2 == 0 else ("torch", "ours"):
-            time.sleep(0.1)  # the other side's idle threads go to sleep
-            procs[name].stdin.write("step\n")
-            procs[name].stdin.flush()
-            dt, loss = procs[name].stdout.readline().split()
-            losses[name].append(float(loss))
-            if k >= a.warmup:
-                times[name].append(float(dt))
-    peak = {name: json.loads(p.communicate("done\n")[0].strip().splitlines()[-1])["peak_mib"] for name, p in procs.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
-    pairs = [t / o for o, t in zip(times["ours"], times["torch"])]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads),
+               MKL_NUM_THREADS=str(a.threads), PYTHONPATH=str(ROOT))
+    load, answers, final = turns.take_turns({name: side_cmd(name, a) for name in ("ours", "torch")}, env,
+                                            a.steps, a.warmup)  # warm-up steps first (allocations, first touches)
+    med = {k: statistics.median(r["s"] for r in v[a.warmup:]) for k, v in answers.items()}
+    peak = {k: v["peak_mib"] for k, v in final.items()}
+    pairs = turns.pair_ratios(answers, a.warmup)
     print(f"{'':22}{'scratchlm':>14}{'transformers+PEFT':>20}")
     print(f"{'step time (median)':22}{med['ours']:>13.2f}s{med['torch']:>19.2f}s")
     print(f"{'tokens/s':22}{tokens / med['ours']:>14.1f}{tokens / med['torch']:>20.1f}")
     print(f"{'peak RSS (MiB)':22}{peak['ours']:>14.0f}{peak['torch']:>20.0f}")
     print(f"{'load (s)':22}{load['ours']:>14.2f}{load['torch']:>20.2f}")
-    print(f"{'first-step loss':22}{losses['ours'][0]:>14.4f}{losses['torch'][0]:>20.4f}")
+    print(f"{'first-step loss':22}{answers['ours'][0]['loss']:>14.4f}{answers['torch'][0]['loss']:>20.4f}")
     print(f"speed ratio (scratchlm / transformers+PEFT): {statistics.median(pairs):.2f}x, the median of {len(pairs)} "
           f"step pairs ({', '.join(f'{r:.2f}' for r in pairs)})")
 

@@ -5,28 +5,27 @@ GPT2LMHeadModel, fp32, torch.optim.AdamW), side by side.
     PYTHONPATH=. .venv/bin/python benchmarks/bench_training.py [--arch llama] [--layers 4 --dim 128 ...]
 
 Each side runs in its own child process (so peak memory is its own: resource.getrusage's ru_maxrss),
-both with the same thread count. The two processes take turns step by step: the parent tells one to
-run a step, waits for it, pauses, then tells the other, ours first in one pair and torch first in the
-next. A shared 2-core VM's speed drifts by 20-40% within seconds to minutes; two steps a fraction of a
-second apart see the same machine, so the ratio of each pair is measured on equal terms. Reported:
-tokens/s (B*T per step / the median step time), peak RSS, and the ratio ours/torch as the median of the
-pairs' ratios, with its quartiles.
+both with the same thread count, and the two take turns step by step (turns.py: this shared VM's speed
+drifts within seconds; two steps a fraction of a second apart see the same machine). Reported: tokens/s
+(B*T per step / the median step time), peak RSS, and the ratio ours/torch as the median of the pairs'
+ratios, with its quartiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import turns
+
 ROOT = Path(__file__).resolve().parents[1]
-PAUSE_S = 0.1  # between steps: idle threads of the side that just ran (OpenMP, BLAS) go to sleep
 
 
 def _cfg(a):
@@ -107,26 +106,19 @@ def setup_torch(a):
 
 
 def serve(a) -> None:
-    """A worker: set up, say "ready", then run one step per "step" line on stdin (answering its seconds),
-    and answer a JSON summary to "done"."""
+    """A worker (turns.serve): our side or torch's, the same 8 batches cycled; each step answers its loss
+    and the time of its phases."""
     step, n_params = setup_ours(a) if a.worker == "ours" else setup_torch(a)
-    data = _batches(a, 8)  # cycled: the same 8 batches on both sides
+    data = _batches(a, 8)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    phases, loss, i = {}, None, 0
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        x, y = data[i % len(data)]
-        t0 = time.perf_counter()
-        loss, ph = step(x, y)
-        dt = time.perf_counter() - t0
-        i += 1
-        for k, v in ph.items():
-            phases[k] = phases.get(k, 0.0) + v
-        print(dt, flush=True)
-    print(json.dumps({"loss": float(loss), "params": n_params, "phases": phases, "rss_before_mb": rss0 / 1024,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+    taken = itertools.count()
+
+    def one():
+        loss, phases = step(*data[next(taken) % len(data)])
+        return {"loss": float(loss), "phases": phases}
+
+    turns.serve(one, None, lambda: {"params": n_params, "rss_before_mb": rss0 / 1024,
+                                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
 def parse(argv=None):
@@ -147,11 +139,6 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
-def _quartiles(xs):
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return q[0], q[1], q[2]
-
-
 def main(argv=None) -> int:
     a = parse(argv)
     if a.worker:
@@ -160,45 +147,23 @@ def main(argv=None) -> int:
     n = str(a.threads)  # both sides get the same thread count (BLAS pools for NumPy, intra-op for torch)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n)
     argv = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--json"]
-    procs = {}
-    for side in ("ours", "torch"):  # one after the other: neither's start-up disturbs the other
-        p = subprocess.Popen([sys.executable, __file__, "--worker", side] + argv, env=env, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        if p.stdout.readline().strip() != "ready":
-            print(f"the {side} worker failed to start", file=sys.stderr)
-            return 1
-        procs[side] = p
-
-    def one_step(side) -> float:
-        time.sleep(PAUSE_S)
-        p = procs[side]
-        p.stdin.write("step\n")
-        p.stdin.flush()
-        return float(p.stdout.readline())
-
-    times = {"ours": [], "torch": []}
-    for k in range(a.warmup + a.steps):
-        order = ("ours", "torch") if k % 2 == 0 else ("torch", "ours")
-        pair = {side: one_step(side) for side in order}
-        if k >= a.warmup:
-            for side in order:
-                times[side].append(pair[side])
-    results = {}
-    for side, p in procs.items():
-        out, _ = p.communicate("done\n")
-        results[side] = json.loads(out.strip().splitlines()[-1])
+    cmds = {side: [sys.executable, __file__, "--worker", side] + argv for side in ("ours", "torch")}
+    _, answers, results = turns.take_turns(cmds, env, a.steps, a.warmup)
+    timed = {side: rs[a.warmup:] for side, rs in answers.items()}
+    times = {side: [r["s"] for r in rs] for side, rs in timed.items()}
 
     tokens = a.batch * a.context
     summary = {}
     for side, r in results.items():
         step = statistics.median(times[side])
-        summary[side] = {"tok_s": tokens / step, "step_ms": step * 1e3, "params": r["params"], "loss": r["loss"],
-                         "peak_rss_mb": r["peak_rss_mb"], "rss_before_train_mb": r["rss_before_mb"]}
-    ph = results["ours"]["phases"]
+        summary[side] = {"tok_s": tokens / step, "step_ms": step * 1e3, "params": r["params"],
+                         "loss": answers[side][-1]["loss"], "peak_rss_mb": r["peak_rss_mb"],
+                         "rss_before_train_mb": r["rss_before_mb"]}
+    ph = {k: sum(r["phases"][k] for r in timed["ours"]) for k in timed["ours"][0]["phases"]}
     tot = sum(ph.values())
     summary["ours"]["phases"] = {k: round(v / tot, 3) for k, v in ph.items()}
-    pairs = [t / o for o, t in zip(times["ours"], times["torch"])]  # ours/torch in tokens/s, pair by pair
-    q1, med, q3 = _quartiles(pairs)
+    pairs = turns.pair_ratios(answers, a.warmup)  # ours/torch in tokens/s, pair by pair
+    q1, med, q3 = turns.quartiles(pairs)
     summary.update(ratio=med, ratio_q1=q1, ratio_q3=q3, pairs=len(pairs))
     summary["step_ms"] = {k: [round(t * 1e3, 1) for t in v] for k, v in times.items()}  # every timed step, in order
     summary["shape"] = dict(arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads, kv_heads=a.kv_heads or a.heads,
