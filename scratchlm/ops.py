@@ -76,8 +76,7 @@ def _c_contiguous(x, scale: float = 1.0):
     [n, Hd] @ [Hd, b] products 1.4x faster from a row-major [Hd, b] than from the transposed view of a
     [b, Hd] (measured with Hd=32: 75 against 105-135 GFLOP/s)."""
     if is_numpy_array(x):
-        out = np.empty(x.shape, x.dtype)
-        return np.multiply(x, scale, out=out) if scale != 1.0 else np.copyto(out, x) or out
+        return np.multiply(x, scale, out=np.empty(x.shape, x.dtype))  # one pass, written row-major
     if is_torch_array(x):
         return (x * scale).contiguous()
     return x * scale

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import FormatError, PromptError
 from . import checkpoint as ck
-from .lora import TEMPLATE_NAME, LoRA, adapter_summary
+from .lora import LoRA, adapter_summary
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
 from .parallel import keep_freed_memory, parallel_loss_and_grads, resolve_threads
 from .trainer import RunLog

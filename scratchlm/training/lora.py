@@ -213,7 +213,8 @@ class LoRA:
         return sum(int(a.size) for a in self.params.values())
 
     def apply(self, i: int, group: str, x, out, record=None) -> None:
-        """Add the adapters of layer i's `group` to the base output `out` [B,T,out_all] in place.
+        """Add the adapters of layer i's `group` to the base output `out` [B,T,out_all] in place (or to a
+        tuple of arrays that are its pieces side by side).
 
         x [B,T,in] is the base projection's input. The recorder gets what the backward needs:
         lora.<group>.x (the adapters' input, after dropout), .keep (the dropout mask) and .u (x @ A.T).
@@ -231,7 +232,14 @@ class LoRA:
             xd = x * np.float32(1.0 / (1.0 - self.dropout))
             xd *= keep
         u = ops.linear(xd, g.A)  # [B,T,in] @ [in,n*r] -> [B,T,n*r]: every adapter of the group in one matmul
-        out += ops.linear(u * self.scale, g.B)  # [B,T,n*r] @ [n*r,out_all] -> [B,T,out_all], each B into its rows
+        delta = ops.linear(u * self.scale, g.B)  # [B,T,n*r] @ [n*r,out_all] -> [B,T,out_all], each B into its rows
+        if isinstance(out, tuple):  # the group's output in pieces side by side (the model's gate and up)
+            lo = 0
+            for o in out:
+                o += delta[..., lo:lo + o.shape[-1]]
+                lo += o.shape[-1]
+        else:
+            out += delta
         if record is not None:
             record(f"lora.{group}.x", xd)
             record(f"lora.{group}.u", u)
