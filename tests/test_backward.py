@@ -73,7 +73,7 @@ def batch(cfg, B=2, T=24, seed=0):
     return rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
 
 
-@pytest.mark.parametrize("case", list(CASES) + ["llama-gqa-scaled-untied/blocked"])
+@pytest.mark.parametrize("case", list(CASES) + ["llama-gqa-scaled-untied/blocked", "gpt2/blocked"])
 def test_loss_and_every_gradient_match_torch_autograd(case):
     case, _, blocked = case.partition("/")
     m, model, to_canonical = build(case)
