@@ -18,8 +18,12 @@ version = __version__
 __all__ = ["load", "load_tokenizer", "Model", "ModelConfig", "version", "__version__"]
 
 
-def load(path=None, *, adapter=None, progress: bool | None = None) -> Model:
+def load(path=None, *, adapter=None, progress: bool | None = None, dtype: str | None = None) -> Model:
     """Load a model: a .gguf file, a Hugging Face directory or a Meta directory (None = the default model).
+
+    Weights stay in the type the file stores them in (quantized blocks, fp16, bf16), memory-mapped where
+    the file allows, and are multiplied from there (kernels.py); `dtype="f32"` widens every weight to
+    float32 at load instead (more memory, and what training from a checkpoint needs).
 
     `adapter`: a LoRA adapter directory in Hugging Face PEFT format (ours from `scratchlm finetune`, or
     one trained elsewhere with PEFT) to attach; its names and shapes must match the model.
@@ -32,7 +36,7 @@ def load(path=None, *, adapter=None, progress: bool | None = None) -> Model:
         path = assets.default_model_path()
     if progress is None:
         progress = sys.stderr.isatty()
-    cfg, weights, tokenizer, info = load_checkpoint(path, progress=progress)
+    cfg, weights, tokenizer, info = load_checkpoint(path, progress=progress, dtype=dtype)
     model = Model(cfg, weights, tokenizer, info=info)
     if adapter is not None:
         from .training.lora import load_adapter

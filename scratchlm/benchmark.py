@@ -18,12 +18,14 @@ _TEXT = ("The history of computing is a story of people building machines to thi
          "Charles Babbage designed the Analytical Engine, and Ada Lovelace wrote what many call the first program. ")
 
 
-def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128) -> dict:
+def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128, dtype: str | None = None,
+              kv_dtype: str | None = None) -> dict:
     import scratchlm
     from .errors import PromptError
 
     t0 = time.perf_counter()
-    model = scratchlm.load(path, progress=False)
+    model = scratchlm.load(path, progress=False, dtype=dtype)
+    model.kv_dtype = kv_dtype
     load_s = time.perf_counter() - t0
 
     ctx = model.config.max_seq_len

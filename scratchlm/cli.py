@@ -29,6 +29,14 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None, help=DEFAULT_MODEL_HELP)
 
 
+def _add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("stored", "f32"), default="stored",
+                   help="weights as the file stores them (quantized blocks, fp16, bf16: less memory, faster "
+                        "decoding) or widened to f32 at load (default stored)")
+    p.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32",
+                   help="what the KV cache stores keys and values in: f16 halves its memory (default f32)")
+
+
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
     from .generate import DEFAULTS
 
@@ -73,18 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt (raw text completion)")
     _add_model(p)
+    _add_dtype(p)
     _add_adapter(p)
     p.add_argument("prompt", help="the text to continue ('' starts from BOS)")
     _add_sampling(p, 128)
 
     p = sub.add_parser("chat", help="talk to the model with its chat template (interactive; or one turn per stdin line)")
     _add_model(p)
+    _add_dtype(p)
     _add_adapter(p)
     p.add_argument("--system", default=None, help="a system prompt")
     _add_sampling(p, 512)
 
     p = sub.add_parser("info", help="show the model's configuration, size, tokenizer and template")
     _add_model(p)
+    _add_dtype(p)
 
     p = sub.add_parser("tokenize", help="show the token ids and pieces of a text")
     g = p.add_mutually_exclusive_group()
@@ -94,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time loading, prefill and decoding")
     _add_model(p)
+    _add_dtype(p)
     p.add_argument("--prompt-tokens", type=_positive_int, default=512, help="prefill length (default 512)")
     p.add_argument("--gen-tokens", type=_positive_int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s")
@@ -125,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="walk through one forward pass step by step, with real shapes and values")
     _add_model(p)
+    _add_dtype(p)
     p.add_argument("prompt", help="the text to run through the model")
     p.add_argument("--layer", type=int, default=0, help="the layer shown in detail (default 0)")
     p.add_argument("--head", type=int, default=0, help="the query head shown in detail (default 0)")
@@ -137,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a model with LoRA on chat data (JSONL); writes a PEFT adapter")
     _add_model(p)
+    _add_dtype(p)
     p.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help='one conversation per line: {"messages": [...]} or {"prompt": ..., "response": ...}')
     p.add_argument("--out", default=None, metavar="DIR", help="the run directory (holds the adapter)")
@@ -159,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("gguf", "hf"), required=True, help="gguf: one .gguf file; hf: a directory")
     p.add_argument("-o", "--out", required=True, help="the .gguf file or the directory to write")
     p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight precision (default f32)")
+
     return ap
 
 
@@ -177,9 +192,12 @@ def _add_adapter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter directory (PEFT format) to apply")
 
 
-def _load(a):
+def _load(a, dtype: str | None = None):
     import scratchlm
-    return scratchlm.load(a.model, adapter=getattr(a, "adapter", None))
+    dtype = dtype or getattr(a, "dtype", "stored")
+    model = scratchlm.load(a.model, adapter=getattr(a, "adapter", None), dtype=None if dtype == "stored" else dtype)
+    model.kv_dtype = getattr(a, "kv_dtype", None)
+    return model
 
 
 def _stream(stream) -> None:
@@ -290,7 +308,8 @@ def cmd_tokenize(a) -> int:
 def cmd_bench(a) -> int:
     from .benchmark import run_bench
 
-    r = run_bench(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens)
+    r = run_bench(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
+                  dtype=None if a.dtype == "stored" else a.dtype, kv_dtype=a.kv_dtype)
     if a.json:
         print(json.dumps({"load_s": round(r["load_s"], 3), "prefill_tok_s": round(r["prefill_tok_s"], 2),
                           "decode_tok_s": round(r["decode_tok_s"], 2)}))
@@ -358,7 +377,7 @@ def cmd_finetune(a) -> int:
     t = _start_or_resume(a, Finetuner, lambda: FinetuneArgs(
         data=a.data, out=a.out, base=a.model, rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
         epochs=a.epochs, steps=a.steps or 0, lr=a.lr, batch=a.batch, context=a.context, seed=a.seed,
-        save_every=a.save_every, threads=a.threads or 0),
+        save_every=a.save_every, threads=a.threads or 0, dtype=a.dtype),
         "--data FILE.jsonl and --out DIR")
     r = t.train()
     print(f"step {r['step']}: loss {r['loss'] if r['loss'] is not None else float('nan'):.4f}; adapter in {r['out']}")
@@ -368,7 +387,7 @@ def cmd_finetune(a) -> int:
 def cmd_merge(a) -> int:
     from .formats.export import export_gguf, export_hf
 
-    model = _load(a)
+    model = _load(a, dtype="f32")  # the adapter is added into float32 weights
     model.adapter.merge_into(model)
     out = export_gguf(model, a.out, a.dtype) if a.format == "gguf" else export_hf(model, a.out, a.dtype)
     print(f"wrote {out}")

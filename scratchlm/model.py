@@ -1,13 +1,18 @@
 """The decoder: Llama (RMSNorm, RoPE, GQA, SwiGLU) and GPT-2 (LayerNorm, learned positions, GELU)
 as one config-driven transformer, with a forward pass that can use a KV cache.
 
-Weights live in `Model.weights` under Meta's canonical names, [out, in] layout, so a projection
-is `x @ W.T`. To shorten the per-layer op count, q/k/v and gate/up are fused into one matrix each
-at load time, and the canonical entries become views into the fused arrays (no second copy;
-writing through `weights` changes what the model computes).
+Weights live in `Model.tensors` under Meta's canonical names, [out, in] layout, so a projection
+is `x @ W.T`: float32 arrays, or QuantizedMatrix (quant.py) for weights kept as their stored ggml blocks
+(a quantized GGUF, 16-bit safetensors), which ops.linear multiplies through kernels.py.
+`Model.weights` is the same mapping seen as arrays: a packed entry answers dequantized.
+To shorten the per-layer op count, q/k/v and gate/up are fused into one matrix each at load time
+(packed ones too, when their types agree), and the canonical entries become views into the fused
+matrices (no second copy; writing through `weights` changes what the model computes).
 """
 
 from __future__ import annotations
+
+from collections.abc import MutableMapping
 
 import numpy as np
 
@@ -15,6 +20,7 @@ from . import ops
 from .cache import KVCache
 from .config import ModelConfig, check_weights
 from .errors import PromptError
+from .quant import QuantizedMatrix
 
 
 def to_numpy(x) -> np.ndarray:
@@ -42,6 +48,40 @@ RECORDED = {
 # Query rows per block of ops.causal_attention (training and other whole-sequence forwards).
 ATTENTION_BLOCK = 64
 
+# A prompt run through the KV cache goes in chunks of at most this many tokens, fewer when the attention
+# scores of a chunk, [H, chunk, S] float32, would pass PREFILL_SCORES_BYTES: memory stays bounded however
+# long the prompt (the activations are [chunk, F], the scores [H, chunk, S]).
+PREFILL_CHUNK = 512
+PREFILL_SCORES_BYTES = 64 << 20
+
+
+class Weights(MutableMapping):
+    """`model.weights`: canonical name -> float32 array. A weight kept packed (QuantizedMatrix) answers
+    with its dequantized array, a new one on each access (writing into it changes nothing); assigning
+    stores the array given. `model.tensors` holds what the model computes with."""
+
+    def __init__(self, tensors: dict):
+        self._t = tensors
+
+    def __getitem__(self, name):
+        w = self._t[name]
+        return w.dequantize() if isinstance(w, QuantizedMatrix) else w
+
+    def __setitem__(self, name, value):
+        self._t[name] = value
+
+    def __delitem__(self, name):
+        del self._t[name]
+
+    def __iter__(self):
+        return iter(self._t)
+
+    def __len__(self):
+        return len(self._t)
+
+    def __repr__(self):
+        return f"Weights({len(self._t)} tensors)"
+
 
 class _Layer:
     """The arrays of one transformer block, fused for the forward pass."""
@@ -58,19 +98,30 @@ class Model:
         self.config = config
         self.tokenizer = tokenizer
         self.info = dict(info or {})
-        self.weights = dict(weights)
-        self.xp = ops.array_namespace(self.weights["tok_embeddings.weight"])
+        self.tensors = dict(weights)  # arrays and QuantizedMatrix: what the forward computes with
+        self.weights = Weights(self.tensors)  # the same, every entry seen as an array
+        emb = self.tensors["tok_embeddings.weight"]
+        self.xp = ops.array_namespace(np.empty(0, np.float32) if isinstance(emb, QuantizedMatrix) else emb)
         self.adapter = None  # LoRA adapters (training/lora.py) the forward adds to its projections, or None
         self.attention_block = ATTENTION_BLOCK
+        self.kv_dtype = None  # what new_cache stores keys and values in: None = the compute dtype, or "f16"
         self._inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._build_layers()
 
     # --- weights ---------------------------------------------------------------------------
 
     def _fuse(self, names: list[str], axis: int = 0):
-        """Concatenate the named weights along `axis` into one array and make the named entries views of it."""
-        xp, w = self.xp, self.weights
-        fused = xp.concat([w[n] for n in names], axis=axis)
+        """Concatenate the named weights along `axis` into one array and make the named entries views of it.
+        Packed weights fuse when they share one type (their rows are stacked); otherwise they stay apart and
+        the fused "matrix" is the tuple of them (see _project)."""
+        xp, w = self.xp, self.tensors
+        parts = [w[n] for n in names]
+        if any(isinstance(p, QuantizedMatrix) for p in parts):
+            if not all(isinstance(p, QuantizedMatrix) and p.ggml_type == parts[0].ggml_type for p in parts):
+                return tuple(parts)
+            fused = QuantizedMatrix.concat(parts)
+        else:
+            fused = xp.concat(parts, axis=axis)
         start = 0
         for n in names:
             size = w[n].shape[axis]
@@ -79,7 +130,7 @@ class Model:
         return fused
 
     def _build_layers(self) -> None:
-        w, cfg = self.weights, self.config
+        w, cfg = self.tensors, self.config
         gpt2 = cfg.arch == "gpt2"
         self.layers = []
         for i in range(cfg.n_layers):
@@ -110,7 +161,7 @@ class Model:
     @property
     def output_weight(self):
         """The output head [V, D]: the token embedding itself when tied."""
-        return self.weights["tok_embeddings.weight"] if self.config.tie_embeddings else self.weights["output.weight"]
+        return self.tensors["tok_embeddings.weight"] if self.config.tie_embeddings else self.tensors["output.weight"]
 
     def _norm(self, x, w, b):
         if self.config.arch == "gpt2":
@@ -124,9 +175,12 @@ class Model:
         attached (before the bias, as PEFT adds them), plus the bias b (GPT-2; None for Llama).
 
         w may be a tuple of matrices whose outputs side by side are the group's (Llama's gate and up): then
-        one matmul each and a tuple of outputs, faster than one [..., 2F] output read in strided halves."""
+        one matmul each and a tuple of outputs, faster than one [..., 2F] output read in strided halves.
+        A tuple for a single-output group (q, k and v packed in different types) is joined into one output."""
         if isinstance(w, tuple):
             y = tuple(ops.linear(x, wk) for wk in w)  # [..., in] @ [in, out_k] -> [..., out_k] each
+            if group != "w13":
+                y = self.xp.concat(y, axis=-1)  # [..., sum out_k]
         else:
             y = ops.linear(x, w)  # [..., in] @ [in, out] -> [..., out], a fresh array
         if self.adapter is not None:
@@ -135,11 +189,23 @@ class Model:
             y += b  # in place too: no second [..., out] array
         return y
 
-    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
-        """A KV cache for `max_len` positions (at most the model's context)."""
+    def new_cache(self, max_len: int, batch: int = 1, dtype: str | None = None) -> KVCache:
+        """A KV cache for `max_len` positions (at most the model's context), stored in `dtype` ("f16", or
+        None: self.kv_dtype, by default the compute dtype float32)."""
         c = self.config
         max_len = min(int(max_len), c.max_seq_len)
-        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, self.weights["tok_embeddings.weight"])
+        emb = self.tensors["tok_embeddings.weight"]
+        like = np.empty(0, np.float32) if isinstance(emb, QuantizedMatrix) else emb
+        dtype = dtype or self.kv_dtype
+        if dtype not in (None, "f32", "f16"):
+            raise ValueError(f"KV cache dtype must be f32 or f16, got {dtype!r}")
+        store = self.xp.float16 if dtype == "f16" else None
+        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, like, dtype=store)
+
+    def _prefill_chunk(self, S: int) -> int:
+        """Tokens per chunk of a prompt run through the cache when S positions are attended to."""
+        fit = PREFILL_SCORES_BYTES // (4 * self.config.n_heads * max(S, 1))
+        return max(16, min(PREFILL_CHUNK, fit))
 
     def forward(self, ids, cache: KVCache | None = None, start_pos: int = 0, last_only: bool = False,
                 recorder=None, head: bool = True):
@@ -158,18 +224,29 @@ class Model:
         xp, cfg = self.xp, self.config
         ids = xp.asarray(ids)
         B, T = ids.shape
+        chunk = self._prefill_chunk(start_pos + T)
+        if cache is not None and rec is None and T > chunk:  # a long prompt: chunk by chunk through the cache
+            outs = []
+            for a in range(0, T, chunk):
+                b = min(a + chunk, T)
+                last = b == T
+                o = self.forward(ids[:, a:b], cache, start_pos + a, last_only=last_only, head=head and (last or not last_only))
+                if last or not last_only:
+                    outs.append(o)
+            return outs[0] if len(outs) == 1 else xp.concat(outs, axis=1)  # [B,T,V] (or [B,1,V])
         D, H, K, Hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         S = start_pos + T
         if S > cfg.max_seq_len:
             raise PromptError(f"{S} positions exceed the model's context of {cfg.max_seq_len} tokens")
         gpt2 = cfg.arch == "gpt2"
 
-        x = xp.reshape(xp.take(self.weights["tok_embeddings.weight"], xp.reshape(ids, (-1,)), axis=0), (B, T, D))  # [B,T,D]
+        x = ops.embedding(self.tensors["tok_embeddings.weight"], ids)  # [B,T] -> [B,T,D]
         if rec is not None:
             rec("tokens", ids)
             rec("embedding", x)
         if gpt2:
-            pos = self.weights["pos_embeddings.weight"][start_pos:S]  # learned positions [T,D]
+            pe = self.tensors["pos_embeddings.weight"]  # learned positions [ctx,D]
+            pos = pe.take_rows(np.arange(start_pos, S)) if isinstance(pe, QuantizedMatrix) else pe[start_pos:S]  # [T,D]
             x = x + pos
             cos = sin = None
             if rec is not None:
@@ -252,7 +329,7 @@ class Model:
 
         if last_only:
             x = x[:, -1:]  # [B,1,D]
-        x = self._norm(x, self.weights["norm.weight"], self.weights.get("norm.bias"))
+        x = self._norm(x, self.tensors["norm.weight"], self.tensors.get("norm.bias"))
         if not head:
             if rec is not None:
                 rec("norm", x)

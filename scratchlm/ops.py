@@ -16,6 +16,8 @@ import numpy as np
 from array_api_compat import array_namespace as _array_namespace
 from array_api_compat import device, is_numpy_array, is_torch_array
 
+from .quant import QuantizedMatrix
+
 
 def _numpy_namespace():
     """array_api_compat's NumPy namespace, with reshape and permute_dims as the plain array methods (the
@@ -554,7 +556,10 @@ def attention_backward(dout, q, k, v, probs):
 # --- embedding and linear layers ---------------------------------------------------------------
 
 def embedding(table, ids):
-    """Rows of `table` [V, D] for token ids [...] -> [..., D]."""
+    """Rows of `table` [V, D] for token ids [...] -> [..., D] (only those rows are dequantized when the
+    table is a QuantizedMatrix)."""
+    if isinstance(table, QuantizedMatrix):
+        return table.take_rows(ids).reshape(*ids.shape, table.shape[1])  # [N,D] -> [...,D]
     xp = array_namespace(table)
     return xp.reshape(xp.take(table, xp.reshape(ids, (-1,)), axis=0), (*ids.shape, table.shape[-1]))  # [N,D] -> [...,D]
 
@@ -600,8 +605,13 @@ def embedding_backward(dy, ids, vocab_size: int, out=None):
 def linear(x, w, b=None):
     """x @ W.T (+ b) with W in [out, in] layout: [..., in] -> [..., out].
 
-    The leading axes are folded into one first: NumPy runs a 3-D @ 2-D product as one matmul per
-    batch row, and a [1,1,D] decode step then costs twice a plain 2-D one (measured)."""
+    W is an array, or a QuantizedMatrix (weights kept as ggml blocks): then the product is computed
+    from the blocks by kernels.py. The leading axes are folded into one first: NumPy runs a 3-D @ 2-D
+    product as one matmul per batch row, and a [1,1,D] decode step then costs twice a plain 2-D one (measured)."""
+    if isinstance(w, QuantizedMatrix):
+        from . import kernels
+        y = kernels.linear(x, w)  # [..., in] -> [..., out], from the blocks
+        return y if b is None else y + b
     xp = array_namespace(x)
     n_out, n_in = w.shape
     y = xp.reshape(x, (-1, n_in)) @ w.T  # [N,in] @ [in,out] -> [N,out], N = all leading axes
@@ -613,6 +623,13 @@ def linear_backward(dy, x, w, bias: bool = False, weight_grad: bool = True):
     """Gradients of linear from dy [..., out] and the forward's input x [..., in]: (dx, dw, db), db None
     without a bias. dw is one [out, N] @ [N, in] matmul over all B*T rows at once; with
     weight_grad=False (a frozen weight, as under LoRA) dw is None and that matmul is skipped."""
+    if isinstance(w, QuantizedMatrix):  # a packed base (LoRA): only dx, through the blocks
+        if weight_grad:
+            raise ValueError("a weight kept as quantized blocks is frozen (LoRA trains on it); "
+                             "load the model with dtype='f32' to train every weight")
+        from . import kernels
+        db = _column_sums(np.reshape(dy, (-1, w.shape[0]))) if bias else None  # [N,out] -> [out]
+        return kernels.linear_t(dy, w), None, db  # [..., out] @ [out, in] -> [..., in]
     xp = array_namespace(x)
     n_out, n_in = w.shape
     dy2 = xp.reshape(dy, (-1, n_out))  # [...,out] -> [N,out]

@@ -297,3 +297,78 @@ def dequantize(raw: np.ndarray, ggml_type: int, out: np.ndarray | None = None) -
     for i in range(0, n_blocks, step):
         kernel(blocks[i : i + step], flat[i : i + step])
     return out.reshape(-1)
+
+
+# --- a weight matrix kept as blocks ------------------------------------------------------------
+
+# Types a QuantizedMatrix may hold: the block types we decode, and the 16-bit floats (kept as stored
+# from GGUF, safetensors and Meta files). F32 matrices stay plain float32 arrays.
+PACKED_TYPES: frozenset[int] = SUPPORTED_TYPES - {GGML_TYPE_IDS["F32"]}
+
+
+class QuantizedMatrix:
+    """A weight matrix [rows, cols] kept in its stored ggml type: each row is a run of whole blocks.
+
+    `raw` holds the bytes, uint8 [rows, bytes per row], often a read-only view of a memory-mapped file.
+    Products with it go through kernels.py (never a float32 copy of the whole matrix); `dequantize()`
+    gives the float32 matrix, the readable reference the kernels are tested against.
+
+        >>> w = QuantizedMatrix(raw, GGML_TYPE_IDS["Q8_0"], (4096, 4096))   # doctest: +SKIP
+        >>> ops.linear(x, w)        # x [..., 4096] -> [..., 4096], from the blocks  # doctest: +SKIP
+    """
+
+    __slots__ = ("raw", "ggml_type", "shape", "__weakref__")
+    ndim = 2
+
+    def __init__(self, raw: np.ndarray, ggml_type: int, shape: tuple[int, int]):
+        rows, cols = (int(s) for s in shape)
+        t = type_info(ggml_type)
+        if ggml_type not in PACKED_TYPES:
+            raise UnsupportedError(f"a QuantizedMatrix cannot hold ggml type {t.name}")
+        if cols % t.block_size:
+            raise FormatError(f"rows of {cols} weights are not a whole number of {t.name} blocks of {t.block_size}")
+        row_bytes = cols // t.block_size * t.type_size
+        raw = raw.view(np.uint8) if raw.dtype != np.uint8 else raw
+        if raw.size != rows * row_bytes:
+            raise FormatError(f"{t.name} [{rows}, {cols}] takes {rows * row_bytes} bytes, got {raw.size}")
+        self.raw = raw.reshape(rows, row_bytes)  # [rows, bytes per row]; a view when raw is contiguous
+        if not self.raw.flags.c_contiguous:
+            self.raw = np.ascontiguousarray(self.raw)
+        self.ggml_type = ggml_type
+        self.shape = (rows, cols)
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.ggml_type].name
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.size)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 matrix [rows, cols] (a new array)."""
+        return dequantize(self.raw, self.ggml_type).reshape(self.shape)
+
+    def take_rows(self, ids) -> np.ndarray:
+        """Rows `ids` [N] dequantized: float32 [N, cols] (an embedding lookup reads only these)."""
+        ids = np.asarray(ids).reshape(-1)
+        return dequantize(self.raw[ids], self.ggml_type).reshape(ids.size, self.shape[1])  # [N,cols]
+
+    def __getitem__(self, rows: slice) -> "QuantizedMatrix":
+        """A slice of rows, sharing the bytes (the q, k and v parts of a fused projection)."""
+        if not isinstance(rows, slice):
+            raise TypeError("a QuantizedMatrix is sliced by rows only: w[a:b]")
+        part = self.raw[rows]
+        return QuantizedMatrix(part, self.ggml_type, (part.shape[0], self.shape[1]))
+
+    @staticmethod
+    def concat(parts: list["QuantizedMatrix"]) -> "QuantizedMatrix":
+        """The parts stacked by rows into one matrix (one new buffer): all must share type and width."""
+        t, cols = parts[0].ggml_type, parts[0].shape[1]
+        if any(p.ggml_type != t or p.shape[1] != cols for p in parts):
+            raise ValueError("QuantizedMatrix.concat needs parts of one type and one row length")
+        raw = np.concatenate([p.raw for p in parts], axis=0)  # [sum rows, bytes per row]
+        return QuantizedMatrix(raw, t, (raw.shape[0], cols))
+
+    def __repr__(self) -> str:
+        return f"QuantizedMatrix({self.type_name}, {list(self.shape)}, {self.nbytes / 2**20:.1f} MiB)"

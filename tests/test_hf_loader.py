@@ -17,7 +17,8 @@ from safetensors.numpy import save_file as st_save_np  # noqa: E402
 from scratchlm.errors import FormatError, ModelNotFoundError, UnsupportedError  # noqa: E402
 from scratchlm.formats.permute import hf_to_meta, meta_to_hf  # noqa: E402
 from scratchlm.formats.safetensors_hf import SafetensorsFile, bf16_to_f32, load_hf_dir, read_safetensors  # noqa: E402
-from tests.tiny_models import (META_ROPE_SCALING, SMALL_ROPE_SCALING, hf_llama_to_meta_names, hf_logits,  # noqa: E402
+from tests.tiny_models import (as_arrays,  # noqa: E402
+                               META_ROPE_SCALING, SMALL_ROPE_SCALING, hf_llama_to_meta_names, hf_logits,  # noqa: E402
                                hf_reference, hf_state_dict, make_hf_gpt2, make_hf_llama)
 
 IDS = [5, 17, 200, 3, 99, 250, 1, 0, 42, 128, 7, 77, 33, 201, 11, 9, 64, 180, 2, 255, 6, 31]
@@ -213,6 +214,7 @@ def test_llama_config(dirs, loaded, name):
 def test_llama_weights_equal_hf_state_dict(dirs, loaded, name):
     cfg, w, info = loaded[name]
     sd = hf_state_dict(dirs[name])
+    w = as_arrays(w, stored_16bit=next(iter(sd.values())).dtype != torch.float32)
     want = hf_llama_to_meta_names({k: v.float() for k, v in sd.items()}, cfg.n_heads, cfg.n_kv_heads)
     assert set(w) == set(want)
     for k, v in want.items():
@@ -226,6 +228,7 @@ def test_llama_weights_equal_hf_state_dict(dirs, loaded, name):
 @pytest.mark.parametrize("name", ["gpt2", "gpt2_untied_f16"])
 def test_gpt2_config_and_weights(dirs, loaded, name):
     cfg, w, info = loaded[name]
+    w = as_arrays(w, stored_16bit=name.endswith("f16"))
     ref = transformers.AutoConfig.from_pretrained(dirs[name])
     assert (cfg.arch, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.vocab_size, cfg.max_seq_len, cfg.ffn_dim) == (
         "gpt2", ref.n_embd, ref.n_layer, ref.n_head, ref.vocab_size, ref.n_positions, 4 * ref.n_embd)

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from scratchlm.errors import FormatError, ModelNotFoundError, UnsupportedError  # noqa: E402
 from scratchlm.formats.meta import ffn_hidden_dim, load_meta_dir, read_pth  # noqa: E402
-from tests.tiny_models import (META_ROPE_SCALING, hf_llama_to_meta_names, hf_logits, hf_reference,  # noqa: E402
+from tests.tiny_models import (META_ROPE_SCALING, as_arrays, hf_llama_to_meta_names, hf_logits, hf_reference,  # noqa: E402
                                hf_state_dict, make_hf_llama, make_meta_from_hf)
 
 IDS = [5, 17, 200, 3, 99, 250, 1, 0, 42, 128, 7, 77, 33, 201, 11, 9, 64, 180, 2, 255, 6, 31]
@@ -206,6 +206,7 @@ def test_vocab_size_minus_one_from_embedding(dirs, tmp_path):
 @pytest.mark.parametrize("name", ["one", "two", "two_llama2_embed", "tied_f32"])
 def test_weights_equal_hf_twin(dirs, loaded, name):
     cfg, w, _ = loaded[name]
+    w = as_arrays(w, stored_16bit=name != "tied_f32")
     src = dirs["hf_tied" if name == "tied_f32" else "hf"]
     want = hf_llama_to_meta_names({k: v.float() for k, v in hf_state_dict(src).items()}, cfg.n_heads, cfg.n_kv_heads)
     assert set(w) == set(want)  # rope.freqs dropped

@@ -181,3 +181,16 @@ def make_meta_from_hf(hf_path, path, *, n_shards=1, dtype="bfloat16", embed_spli
             shard[k] = v.clone() if ax is None or n_shards == 1 else v.chunk(n_shards, dim=ax)[i].clone()
         torch.save(shard, path / f"consolidated.{i:02d}.pth")
     return path
+
+
+def as_arrays(weights: dict, stored_16bit: bool | None = None) -> dict:
+    """A loader's weights with every QuantizedMatrix dequantized to its float32 array (exact), checking on
+    the way that matrices were kept packed only where the file is 16-bit or quantized (stored_16bit: every
+    matrix must be packed (True) or none (False); None: no check)."""
+    from scratchlm.quant import QuantizedMatrix
+
+    packed = {n for n, w in weights.items() if isinstance(w, QuantizedMatrix)}
+    matrices = {n for n, w in weights.items() if len(w.shape) == 2}
+    if stored_16bit is not None:
+        assert packed == (matrices if stored_16bit else set()), sorted(matrices ^ packed)[:3]
+    return {n: w.dequantize() if n in packed else w for n, w in weights.items()}

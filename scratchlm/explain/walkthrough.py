@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import ops
 from ..errors import PromptError
 from ..model import to_numpy
 from .messages import msg
@@ -86,7 +87,7 @@ def apply_output_head(model, x) -> np.ndarray:
     xp = model.xp
     x = xp.asarray(x)
     h = model._norm(x, model.weights["norm.weight"], model.weights.get("norm.bias"))  # [B,T,D]
-    return to_numpy(h @ model.output_weight.T)  # [B,T,D] @ [D,V] -> [B,T,V]
+    return to_numpy(ops.linear(h, model.output_weight))  # [B,T,D] @ [D,V] -> [B,T,V]
 
 
 def softmax_np(x: np.ndarray, axis: int = -1) -> np.ndarray:

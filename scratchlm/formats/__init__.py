@@ -34,8 +34,18 @@ def detect_format(path: Path) -> str:
     raise FormatError(f"{path}: not a model directory (no config.json, params.json or single .gguf file)")
 
 
-def load_checkpoint(path, progress: bool = False):
-    """Read any supported checkpoint: returns (ModelConfig, canonical float32 weights, tokenizer or None, info)."""
+DTYPES = (None, "f32")
+
+
+def load_checkpoint(path, progress: bool = False, dtype: str | None = None):
+    """Read any supported checkpoint: returns (ModelConfig, canonical weights, tokenizer or None, info).
+
+    dtype None keeps matrices in their stored type (quant.QuantizedMatrix: ggml blocks, fp16, bf16);
+    "f32" widens every weight to a float32 array (the path training and exact references use)."""
+    from ..errors import UnsupportedError
+
+    if dtype not in DTYPES:
+        raise UnsupportedError(f"dtype {dtype!r} is not supported (choose 'f32', or None for the stored types)")
     from ..tokenizer import load_tokenizer
 
     path = Path(path)
@@ -49,7 +59,7 @@ def load_checkpoint(path, progress: bool = False):
         from .gguf import load_gguf
         if path.is_dir():
             path = sorted(path.glob("*.gguf"))[0]
-        cfg, weights, metadata = load_gguf(path, progress=progress)
+        cfg, weights, metadata = load_gguf(path, progress=progress, dtype=dtype)
         info = {"eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
                 "name": metadata.get("general.name"),
                 "file_type": metadata.get("general.file_type")}
@@ -60,7 +70,7 @@ def load_checkpoint(path, progress: bool = False):
             info["tokenizer_error"] = f"{path} holds no tokenizer (no tokenizer.ggml.* keys)"
     elif fmt == "hf":
         from .safetensors_hf import load_hf_dir
-        cfg, weights, info = load_hf_dir(path, progress=progress)
+        cfg, weights, info = load_hf_dir(path, progress=progress, dtype=dtype)
         if (path / "tokenizer.json").is_file():
             tokenizer = load_tokenizer(path / "tokenizer.json")
         else:
@@ -68,7 +78,7 @@ def load_checkpoint(path, progress: bool = False):
     else:
         from ..chat import LLAMA3_TEMPLATE
         from .meta import load_meta_dir
-        cfg, weights, info = load_meta_dir(path, progress=progress)
+        cfg, weights, info = load_meta_dir(path, progress=progress, dtype=dtype)
         if not (path / "tokenizer.model").is_file():
             raise TokenizerError(f"{path} has no tokenizer.model (a Meta directory needs one)")
         tokenizer = load_tokenizer(path / "tokenizer.model")

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..config import ModelConfig, check_weights
 from ..errors import FormatError, ModelNotFoundError, UnsupportedError
-from ..quant import GGML_TYPES, dequantize
+from ..quant import GGML_TYPES, PACKED_TYPES, QuantizedMatrix, dequantize
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -473,11 +473,15 @@ def _qkv_split(cfg: ModelConfig) -> tuple[int, int]:
     return q, q + cfg.n_kv_heads * cfg.head_dim
 
 
-def load_gguf(path: str | os.PathLike, progress: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
-    """Load a GGUF model: (config, canonical float32 weights, metadata).
+def load_gguf(path: str | os.PathLike, progress: bool = False, dtype: str | None = None
+              ) -> tuple[ModelConfig, dict[str, np.ndarray | QuantizedMatrix], dict]:
+    """Load a GGUF model: (config, canonical weights, metadata).
 
+    Matrices stay in their stored type as QuantizedMatrix views of the memory-mapped file (nothing is
+    read until used); vectors (norms, biases) become float32 arrays. dtype="f32" dequantizes every
+    weight to a float32 array instead.
     Strict: the file must hold exactly the tensors the config implies (see config.check_weights),
-    checked before any weight is dequantized.
+    checked before any weight is read.
     """
     f = read_gguf(path)
     cfg = gguf_config(f)
@@ -508,12 +512,18 @@ def load_gguf(path: str | os.PathLike, progress: bool = False) -> tuple[ModelCon
 
     from tqdm import tqdm
 
-    weights: dict[str, np.ndarray] = {}
+    def read(gname: str):
+        t = f.tensors[gname]
+        if dtype != "f32" and len(t.shape) == 2 and t.ggml_type in PACKED_TYPES:
+            return QuantizedMatrix(f.raw(gname), t.ggml_type, t.shape)  # the file's bytes, mapped
+        return f.tensor(gname)
+
+    weights: dict[str, np.ndarray | QuantizedMatrix] = {}
     total = sum(f.tensors[g].nbytes for g in names)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {Path(f.path).name}",
               disable=not progress, file=sys.stderr, leave=False) as bar:
         for gname, canon in names.items():
-            w = f.tensor(gname)
+            w = read(gname)
             if canon is not None:
                 weights[canon] = w
             else:

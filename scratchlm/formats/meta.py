@@ -30,6 +30,7 @@ import numpy as np
 
 from ..config import ModelConfig, check_weights, config_value, is_int
 from ..errors import FormatError, ModelNotFoundError, UnsupportedError
+from ..quant import GGML_TYPE_IDS, QuantizedMatrix
 from .safetensors_hf import bf16_to_f32
 
 # Meta's defaults for Llama 3.1's scaled RoPE (use_scaled_rope in params.json).
@@ -173,8 +174,9 @@ class PthFile:
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise FormatError(f"{self.path}: entry {name!r} is corrupt ({e})") from None
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as a new float32 C-contiguous array."""
+    def read(self, name: str, packed: bool = False) -> np.ndarray:
+        """One tensor as a new float32 C-contiguous array; packed=True: bfloat16 and float16 tensors as
+        their native-order 16-bit patterns instead (uint16 and float16), float32 ones as float32."""
         t = self.tensors[name]
         kind = t.storage.kind
         nbytes = t.storage.numel * kind.itemsize
@@ -186,6 +188,8 @@ class PthFile:
             numel *= d
         npdt = np.dtype(self.endian + ("u2" if kind.dtype == "bf16" else kind.dtype))
         x = np.frombuffer(raw, dtype=npdt, count=numel, offset=t.offset * kind.itemsize).reshape(t.shape)
+        if packed and kind.itemsize == 2:
+            return x.astype(npdt.newbyteorder("="), copy=False)  # the bytes as read (native order)
         return bf16_to_f32(x.astype("=u2")) if kind.dtype == "bf16" else x.astype(np.float32)  # new C-order arrays
 
     def close(self) -> None:
@@ -261,8 +265,9 @@ def _split_dim(name: str, shard_shape: tuple[int, ...], dim: int) -> int | None:
     return None
 
 
-def load_meta_dir(path, progress: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
-    """Load Meta's layout: (config, canonical float32 weights, info)."""
+def load_meta_dir(path, progress: bool = False, dtype: str | None = None) -> tuple[ModelConfig, dict, dict]:
+    """Load Meta's layout: (config, canonical weights, info). bfloat16 / float16 matrices stay 16-bit
+    (QuantizedMatrix of type BF16 / F16); dtype="f32" widens every weight to float32."""
     path = Path(path)
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: no such model directory")
@@ -290,13 +295,14 @@ def load_meta_dir(path, progress: bool = False) -> tuple[ModelConfig, dict[str, 
     try:
         for sp in shard_paths:
             shards.append(PthFile(sp))
-        return _load_shards(path, p, shard_paths, shards, progress)
+        return _load_shards(path, p, shard_paths, shards, progress, dtype)
     finally:
         for s in shards:
             s.close()
 
 
-def _load_shards(path: Path, p: dict, shard_paths: list[Path], shards: list[PthFile], progress: bool):
+def _load_shards(path: Path, p: dict, shard_paths: list[Path], shards: list[PthFile], progress: bool,
+                 dtype: str | None = None):
     """Check the merged shapes from the pickles alone, then read each tensor and glue its shards."""
     names = [n for n in shards[0].tensors if n not in IGNORED]
     for s in shards[1:]:
@@ -335,14 +341,19 @@ def _load_shards(path: Path, p: dict, shard_paths: list[Path], shards: list[PthF
         from tqdm import tqdm
         steps = tqdm(names, desc=f"loading {path.name}", unit="tensor")
     for n in steps:
-        parts = [s.read(n) for s in (shards if axes[n] is not None else shards[:1])]
+        packed = dtype != "f32" and len(shapes[n]) == 2
+        parts = [s.read(n, packed) for s in (shards if axes[n] is not None else shards[:1])]
         if axes[n] is None:
             for s in shards[1:]:
-                if not np.array_equal(s.read(n), parts[0]):
+                if not np.array_equal(s.read(n, packed), parts[0]):
                     raise FormatError(f"{s.path}: replicated tensor {n!r} differs from {shard_paths[0].name}")
-            weights[n] = parts[0]
+            w = parts[0]
         else:
-            weights[n] = np.ascontiguousarray(np.concatenate(parts, axis=axes[n]))  # shards glued back
+            w = np.ascontiguousarray(np.concatenate(parts, axis=axes[n]))  # shards glued back
+        if packed and w.dtype.itemsize == 2:  # bfloat16 patterns (uint16) or float16: kept 16-bit
+            w = QuantizedMatrix(np.ascontiguousarray(w).view(np.uint8), GGML_TYPE_IDS["F16" if w.dtype == np.float16 else "BF16"],
+                                w.shape)
+        weights[n] = w
     dtypes = sorted({s.tensors[n].dtype for s in shards for n in names})
     info = {"format": "meta", "files": [str(sp) for sp in shard_paths],
             "torch_dtype": dtypes[0] if len(dtypes) == 1 else dtypes,

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..config import ModelConfig, check_weights, config_value, expected_shapes, is_int
 from ..errors import FormatError, ModelNotFoundError, UnsupportedError
+from ..quant import GGML_TYPE_IDS, QuantizedMatrix
 from .permute import hf_to_meta
 
 # Bytes per element of every dtype the safetensors format defines (so any valid header can be checked),
@@ -116,8 +117,12 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as a new float32 C-contiguous array (F32, F16 and BF16 files)."""
+    def dtype(self, name: str) -> str:
+        return self.entries[name][0]
+
+    def read_stored(self, name: str) -> np.ndarray:
+        """The tensor as stored, a read-only view of the memory-mapped file: float32, float16, or (bfloat16)
+        uint16 bit patterns."""
         dtype, shape, begin, end = self.entries[name]
         if dtype not in LOADABLE:
             raise UnsupportedError(f"{self.path}: tensor {name!r} has dtype {dtype}; supported: F32, F16, BF16")
@@ -126,11 +131,15 @@ class SafetensorsFile:
                 self._mm = np.zeros(0, np.uint8)
             else:
                 self._mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start, shape=(self.data_size,))
-        raw = self._mm[begin:end].view(LOADABLE[dtype]).reshape(shape)  # a view into the mapping, no copy yet
-        return bf16_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32)  # a new C-contiguous array either way
+        return self._mm[begin:end].view(np.ndarray).view(LOADABLE[dtype]).reshape(shape)  # no copy
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a new float32 C-contiguous array (F32, F16 and BF16 files)."""
+        raw = self.read_stored(name)
+        return bf16_to_f32(raw) if self.dtype(name) == "BF16" else raw.astype(np.float32)  # a new array either way
 
     def close(self) -> None:
-        self._mm = None  # numpy unmaps when the last view is gone; ours are all copies
+        self._mm = None  # numpy unmaps when the last view is gone (a packed weight may keep one)
 
     def __enter__(self):
         return self
@@ -359,8 +368,17 @@ def _shard_files(path: Path) -> list[Path]:
     return [path / n for n in names]
 
 
-def load_hf_dir(path, progress: bool = False) -> tuple[ModelConfig, dict[str, np.ndarray], dict]:
-    """Load a Hugging Face model directory: (config, canonical float32 weights, info).
+def _stored_matrix(w: np.ndarray, dtype: str):
+    """A 2-D float16 / bfloat16-bits array as the QuantizedMatrix of its type (a view when w is contiguous)."""
+    return QuantizedMatrix(np.ascontiguousarray(w).view(np.uint8), GGML_TYPE_IDS[dtype], w.shape)
+
+
+def load_hf_dir(path, progress: bool = False, dtype: str | None = None
+                ) -> tuple[ModelConfig, dict[str, np.ndarray | QuantizedMatrix], dict]:
+    """Load a Hugging Face model directory: (config, canonical weights, info).
+
+    16-bit matrices stay 16-bit (QuantizedMatrix of type F16 or BF16, viewing the mapped file where no
+    reordering is needed); vectors and F32 tensors become float32 arrays. dtype="f32": every weight float32.
 
     info holds what else the directory says: eos_token_id / bos_token_id (generation_config.json wins
     over config.json: it is what HF's generate uses), torch_dtype, the tokenizer.json path if present,
@@ -419,14 +437,19 @@ def load_hf_dir(path, progress: bool = False) -> tuple[ModelConfig, dict[str, np
         from tqdm import tqdm
         steps = tqdm(plan, desc=f"loading {path.name}", unit="tensor")
     for sf, name, canon, how in steps:
-        w = sf.read(name)
+        kind = sf.dtype(name)
+        packed = dtype != "f32" and kind in ("F16", "BF16") and len(sf.shape(name)) == 2
+        w = sf.read_stored(name) if packed else sf.read(name)
         if how == "tied":
             tied_copies.append((sf, name, w))
             continue
-        weights.update(_transform(w, canon, how, cfg))
+        for cn, a in _transform(w, canon, how, cfg).items():  # the q/k permutation works on the 16-bit patterns too
+            weights[cn] = _stored_matrix(a, kind) if packed else a
     for sf, name, w in tied_copies:
         # tie_word_embeddings with lm_head.weight stored anyway: fine only if it is the embedding.
         emb = weights["tok_embeddings.weight"]
+        if isinstance(emb, QuantizedMatrix):
+            emb = emb.raw.view(w.dtype).reshape(emb.shape) if w.dtype.itemsize == 2 else emb.dequantize()
         if w.shape != emb.shape or not np.array_equal(w, emb):
             raise FormatError(f"{sf.path}: tie_word_embeddings is true but {name!r} differs from the embedding")
     for sf in opened:

@@ -109,7 +109,7 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
         sel = xp.nonzero(xp.reshape(mask, (-1,)))[0]  # [M] flat positions whose target counts
         xs = xp.take(xp.reshape(xn, (B * T, D)), sel, axis=0)  # [B*T,D] -> [M,D]
         ts = xp.take(xp.reshape(tgt, (-1,)), sel, axis=0)  # [M]
-        logits = xs @ model.output_weight.T  # [M,D] @ [D,V] -> [M,V]
+        logits = ops.linear(xs, model.output_weight)  # [M,D] @ [D,V] -> [M,V]
         logp = ops.log_softmax(logits)  # [M,V]
         loss = float(ops.cross_entropy(logits, ts, logp=logp))  # the mean over the M selected targets
         dlogits = ops.cross_entropy_backward(logits, ts, dloss=grad_scale, logp=logp)  # [M,V]

@@ -238,8 +238,11 @@ class FinetuneArgs:
     save_every: int = 50
     plot: bool = True
     threads: int = 0  # threads sharing out each batch (parallel.py); 0: every usable core, fixed at start
+    dtype: str = "stored"  # the base's weights: as the file stores them (kept packed) or "f32"
 
     def validate(self) -> None:
+        if self.dtype not in ("stored", "f32"):
+            raise ValueError(f"--dtype must be stored or f32, got {self.dtype!r}")
         for k in ("rank", "epochs", "batch", "context", "save_every"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"--{k} must be at least 1, got {getattr(self, k)}")
@@ -290,7 +293,7 @@ class Finetuner(RunLog):
     def _load_base(args: FinetuneArgs):
         import scratchlm
 
-        return scratchlm.load(args.base, progress=False)
+        return scratchlm.load(args.base, progress=False, dtype=None if args.dtype == "stored" else args.dtype)
 
     @classmethod
     def new(cls, args: FinetuneArgs, model=None, **kw) -> "Finetuner":

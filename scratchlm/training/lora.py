@@ -292,6 +292,9 @@ class LoRA:
             L = model.layers[i]
             fused = {"qkv": L.wqkv, "o": L.wo, "w13": L.w1 if model.config.arch == "gpt2" else L.w13, "down": L.w2}
             for name, g in groups.items():
+                if not hasattr(fused[name], "__iadd__"):  # a QuantizedMatrix (or a tuple of them)
+                    raise UnsupportedError("merging an adapter needs float32 base weights: load the base with "
+                                           "dtype='f32' (the merged model can then be quantized again)")
                 fused[name] += (g.B @ g.A) * np.float32(self.scale)  # [out_all,n*r] @ [n*r,in] -> [out_all,in]
         if getattr(model, "adapter", None) is self:
             model.adapter = None

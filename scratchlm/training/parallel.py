@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .. import ops
+
 # Tokens per forward/backward call, at most. A step over B rows runs as chunks of whole rows of about this
 # many tokens (fewer for a batch too small to share out otherwise): large enough that Python's cost per op
 # (~2 ms a chunk) stays small, small enough to share a batch out. Measured on the default Llama shape with
@@ -83,7 +85,7 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
         return model.loss_and_grads(input_ids, target_ids, loss_mask=loss_mask, wrt=wrt)
 
     ids = np.asarray(input_ids)
-    if ids.ndim != 2 or not ids.shape[0] or not isinstance(model.weights["tok_embeddings.weight"], np.ndarray):
+    if ids.ndim != 2 or not ids.shape[0] or model.xp is not ops.array_namespace(np.empty(0)):
         return whole_batch()
     B, T = ids.shape
     rows = max(1, min(int(chunk_tokens) // T, -(-B // max(1, int(threads)))))  # a small batch still shared out

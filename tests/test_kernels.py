@@ -1,0 +1,87 @@
+"""The compiled kernels (kernels.py) against their reference: quant.py's NumPy dequantization, then a
+float64 matmul.
+
+Tolerance: the kernels sum in float32, in a different order than the reference (block by block, SIMD
+lanes, the block offsets applied through sums of x). The error of a float32 sum of n terms is bounded
+by ~n * eps * sum|w_i x_i|, and is ~sqrt(n) * eps * that in practice, so each output is compared to
+the float64 product relative to sum|w_i x_i| of its own row (1e-5: n is 256-8192, eps = 6e-8).
+"""
+
+import numpy as np
+import pytest
+
+from scratchlm import kernels, ops, quant
+from scratchlm.quant import GGML_TYPE_IDS, QuantizedMatrix
+from tests.test_quant import random_blocks
+
+BLOCK_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def random_matrix(name: str, rows: int, cols: int, seed: int = 0) -> QuantizedMatrix:
+    t = quant.GGML_TYPES[GGML_TYPE_IDS[name]]
+    raw = random_blocks(name, rows * cols // t.block_size, np.random.default_rng(seed))  # [blocks, bytes]
+    return QuantizedMatrix(raw.reshape(rows, -1), GGML_TYPE_IDS[name], (rows, cols))
+
+
+def check_product(y, x, w_f32, what):
+    ref = x.astype(np.float64) @ w_f32.T.astype(np.float64)  # [N, rows]
+    scale = np.abs(x).astype(np.float64) @ np.abs(w_f32).T.astype(np.float64)  # sum |w x| per output
+    err = np.abs(y - ref) / np.maximum(scale, 1e-30)
+    assert y.dtype == np.float32 and y.shape == ref.shape, what
+    assert err.max() < 1e-5, f"{what}: worst relative error {err.max():.2e}"
+
+
+@pytest.mark.parametrize("name", BLOCK_TYPES)
+@pytest.mark.parametrize("rows,n_x", [(1, 1), (37, 1), (64, 3), (200, 8)])
+def test_matvec_matches_dequantized(name, rows, n_x):
+    bs = quant.GGML_TYPES[GGML_TYPE_IDS[name]].block_size
+    cols = bs * (3 if bs == 256 else 7)  # an odd number of blocks per row
+    w = random_matrix(name, rows, cols, seed=rows)
+    x = np.random.default_rng(1).standard_normal((n_x, cols)).astype(np.float32)
+    check_product(kernels.matvec(x, w), x, w.dequantize(), f"{name} [{rows},{cols}] x {n_x}")
+
+
+@pytest.mark.parametrize("name", BLOCK_TYPES + ["F16", "BF16"])
+def test_linear_both_regimes_and_transpose(name):
+    """ops.linear on a packed matrix equals the product with its dequantized float32 matrix, in both regimes
+    (few rows: kernels; many rows: dequantized tiles and BLAS), and linear_t gives dy @ W."""
+    bs = quant.GGML_TYPES[GGML_TYPE_IDS[name]].block_size
+    rows, cols = 150, (512 if bs == 256 else 96)
+    if name in ("F16", "BF16"):
+        f = np.random.default_rng(2).standard_normal((rows, cols)).astype(np.float32)
+        raw = (f.astype(np.float16).view(np.uint8) if name == "F16"
+               else (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8))
+        w = QuantizedMatrix(raw, GGML_TYPE_IDS[name], (rows, cols))
+    else:
+        w = random_matrix(name, rows, cols, seed=3)
+    wf = w.dequantize()
+    old = kernels._TILE_WEIGHTS
+    kernels._TILE_WEIGHTS = 40 * cols  # several tiles, the last one partial
+    try:
+        for n_x in (1, 5, 33):
+            x = np.random.default_rng(n_x).standard_normal((2, n_x, cols)).astype(np.float32)  # [B,T,cols]
+            y = ops.linear(x, w)
+            assert y.shape == (2, n_x, rows)
+            check_product(y.reshape(-1, rows), x.reshape(-1, cols), wf, f"{name} linear, T={n_x}")
+            dy = np.random.default_rng(n_x + 7).standard_normal((2, n_x, rows)).astype(np.float32)
+            dx, dw, db = ops.linear_backward(dy, x, w, weight_grad=False)
+            assert dw is None and db is None
+            check_product(dx.reshape(-1, cols), dy.reshape(-1, rows), wf.T, f"{name} linear_t, T={n_x}")
+    finally:
+        kernels._TILE_WEIGHTS = old
+
+
+def test_packed_weight_refuses_a_weight_gradient():
+    w = random_matrix("Q8_0", 4, 32)
+    with pytest.raises(ValueError, match="frozen"):
+        ops.linear_backward(np.ones((1, 4), np.float32), np.ones((1, 32), np.float32), w)
+
+
+def test_quantized_matrix_rows_and_concat():
+    w = random_matrix("Q4_K", 10, 512, seed=5)
+    wf = w.dequantize()
+    assert np.array_equal(w[3:7].dequantize(), wf[3:7])
+    assert np.array_equal(w.take_rows([9, 0, 9]), wf[[9, 0, 9]])
+    assert np.array_equal(QuantizedMatrix.concat([w[:4], w[4:]]).dequantize(), wf)
+    with pytest.raises(ValueError):
+        QuantizedMatrix.concat([w, random_matrix("Q8_0", 2, 512)])
