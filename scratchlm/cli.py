@@ -174,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="the .gguf file or the directory to write")
     p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight precision (default f32)")
 
+    # the names of quantize.QUANT_TYPES, spelled out here so building the parser does not import numba
+    p = sub.add_parser("quantize", help="write a model as a quantized GGUF, with llama.cpp's block types and _M mixes")
+    p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face or Meta directory, or a training run")
+    p.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write")
+    p.add_argument("--type", required=True, type=str.upper,
+                   choices=("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K"),
+                   help="the block type, or llama.cpp's Q4_K_M / Q5_K_M mix of Q4_K, Q5_K and Q6_K")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter directory (PEFT format) to merge in first")
     return ap
 
 
@@ -394,8 +402,23 @@ def cmd_merge(a) -> int:
     return 0
 
 
+def cmd_quantize(a) -> int:
+    import time
+    from collections import Counter
+
+    from .formats.export import quantize_model
+    from .quant import GGML_TYPES
+
+    start = time.perf_counter()
+    out, types = quantize_model(a.model, a.out, a.type, adapter=a.adapter)
+    mix = ", ".join(f"{n} {t}" for t, n in Counter(GGML_TYPES[t].name for t in types.values()).most_common())
+    print(f"wrote {out} ({a.type}, {out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s; tensors: {mix})")
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "tokenize": cmd_tokenize, "bench": cmd_bench, "train": cmd_train,
-            "explain": cmd_explain, "export": cmd_export, "finetune": cmd_finetune, "merge": cmd_merge}
+            "explain": cmd_explain, "export": cmd_export, "finetune": cmd_finetune, "merge": cmd_merge,
+            "quantize": cmd_quantize}
 
 
 def main(argv=None) -> int:

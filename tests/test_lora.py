@@ -78,6 +78,26 @@ def test_adapter_gradients_match_torch_autograd_through_peft(tiny):
         np.testing.assert_allclose(g_all[k], grads[k], rtol=1e-6, atol=1e-9)
 
 
+def test_adapter_gradients_on_a_packed_bf16_base_match_peft(tmp_path):
+    """A bf16 base stays bf16 (QuantizedMatrix): the backward's dx = dy @ W goes through the packed path,
+    and the adapter gradients still match PEFT's on the same base upcast to float32 (exactly the values
+    ours computes with)."""
+    base = make_hf_llama(tmp_path / "base", n_heads=4, n_kv_heads=2, tied=False, seed=4, dtype="bfloat16")
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(hf_reference(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=ALL, lora_dropout=0.0, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    model = scratchlm.load(base, adapter=tmp_path / "peft", progress=False)
+    assert type(model.layers[0].wqkv).__name__ == "QuantizedMatrix" and model.layers[0].wqkv.type_name == "BF16"
+    rng = np.random.default_rng(2)
+    ids, tgt = rng.integers(0, 256, (2, 16)), rng.integers(0, 256, (2, 16))
+    mask = (rng.random((2, 16)) > 0.4).astype(np.float32)
+    loss, grads = model.loss_and_grads(ids, tgt, loss_mask=mask, wrt="adapters")
+    assert _check_against_peft(pm, model, ids, tgt, mask, loss, grads) == 2 * 2 * 7
+    with pytest.raises(ValueError, match="frozen"):  # the packed base has no gradient to give
+        model.loss_and_grads(ids, tgt, loss_mask=mask, wrt="all")
+
+
 class _FixedDropout(torch.nn.Module):
     """PEFT's dropout replaced by the very mask our forward drew (inverted dropout: keep / (1-p))."""
 
