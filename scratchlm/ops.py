@@ -16,6 +16,7 @@ import numpy as np
 from array_api_compat import array_namespace as _array_namespace
 from array_api_compat import device, is_numpy_array, is_torch_array
 
+from . import kernels
 from .quant import QuantizedMatrix
 
 
@@ -608,8 +609,7 @@ def linear(x, w, b=None):
     W is an array, or a QuantizedMatrix (weights kept as ggml blocks): then the product is computed
     from the blocks by kernels.py. The leading axes are folded into one first: NumPy runs a 3-D @ 2-D
     product as one matmul per batch row, and a [1,1,D] decode step then costs twice a plain 2-D one (measured)."""
-    if isinstance(w, QuantizedMatrix):
-        from . import kernels
+    if type(w) is QuantizedMatrix:
         y = kernels.linear(x, w)  # [..., in] -> [..., out], from the blocks
         return y if b is None else y + b
     xp = array_namespace(x)
@@ -627,7 +627,6 @@ def linear_backward(dy, x, w, bias: bool = False, weight_grad: bool = True):
         if weight_grad:
             raise ValueError("a weight kept as quantized blocks is frozen (LoRA trains on it); "
                              "load the model with dtype='f32' to train every weight")
-        from . import kernels
         db = _column_sums(np.reshape(dy, (-1, w.shape[0]))) if bias else None  # [N,out] -> [out]
         return kernels.linear_t(dy, w), None, db  # [..., out] @ [out, in] -> [..., in]
     xp = array_namespace(x)

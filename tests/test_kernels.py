@@ -1,5 +1,5 @@
-"""The compiled kernels (kernels.py) against their reference: quant.py's NumPy dequantization, then a
-float64 matmul.
+"""The compiled kernels (kernels.py: the C build _kernels.c where it is built, and the numba build
+kernels_numba.py) against their reference: quant.py's NumPy dequantization, then a float64 matmul.
 
 Tolerance: the kernels sum in float32, in a different order than the reference (block by block, SIMD
 lanes, the block offsets applied through sums of x). The error of a float32 sum of n terms is bounded
@@ -15,12 +15,20 @@ from scratchlm.quant import GGML_TYPE_IDS, QuantizedMatrix
 from tests.test_quant import random_blocks
 
 BLOCK_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+BUILDS = ["numba"] + (["c"] if kernels.C_TYPES else [])
 
 
 def random_matrix(name: str, rows: int, cols: int, seed: int = 0) -> QuantizedMatrix:
     t = quant.GGML_TYPES[GGML_TYPE_IDS[name]]
     raw = random_blocks(name, rows * cols // t.block_size, np.random.default_rng(seed))  # [blocks, bytes]
     return QuantizedMatrix(raw.reshape(rows, -1), GGML_TYPE_IDS[name], (rows, cols))
+
+
+def f16_matrix(name: str, rows: int, cols: int) -> QuantizedMatrix:
+    f = np.random.default_rng(2).standard_normal((rows, cols)).astype(np.float32)
+    raw = (f.astype(np.float16).view(np.uint8) if name == "F16"
+           else (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8))
+    return QuantizedMatrix(raw, GGML_TYPE_IDS[name], (rows, cols))
 
 
 def check_product(y, x, w_f32, what):
@@ -31,14 +39,46 @@ def check_product(y, x, w_f32, what):
     assert err.max() < 1e-5, f"{what}: worst relative error {err.max():.2e}"
 
 
+def test_c_kernels_are_built_here():
+    """The C kernels build wherever gcc and an x86-64 CPU with AVX2 are (this project's machines); the
+    numba fallback is what runs elsewhere. A machine with both must have built them."""
+    import platform
+    import shutil
+    if platform.machine() != "x86_64" or not shutil.which("gcc"):
+        pytest.skip("no x86-64 gcc here: the numba kernels are the ones in use")
+    flags = open("/proc/cpuinfo").read()
+    if " avx2" not in flags:
+        pytest.skip("this CPU has no AVX2")
+    assert kernels.C_TYPES >= {GGML_TYPE_IDS[n] for n in BLOCK_TYPES + ["F16", "BF16"]}
+
+
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("name", BLOCK_TYPES)
 @pytest.mark.parametrize("rows,n_x", [(1, 1), (37, 1), (64, 3), (200, 8)])
-def test_matvec_matches_dequantized(name, rows, n_x):
+def test_matvec_matches_dequantized(name, rows, n_x, build):
     bs = quant.GGML_TYPES[GGML_TYPE_IDS[name]].block_size
     cols = bs * (3 if bs == 256 else 7)  # an odd number of blocks per row
     w = random_matrix(name, rows, cols, seed=rows)
     x = np.random.default_rng(1).standard_normal((n_x, cols)).astype(np.float32)
-    check_product(kernels.matvec(x, w), x, w.dequantize(), f"{name} [{rows},{cols}] x {n_x}")
+    y = kernels.matvec(x, w, kind=build)
+    if build == "c":  # the C kernels round x to 8 bits per 32 values first (llama.cpp's integer path)
+        x_used = kernels.round_activations(x)
+        assert np.abs(x_used - x).max() <= np.abs(x).max() / 254 * 1.0001  # half a step of 8 bits
+        x = x_used
+    check_product(y, x, w.dequantize(), f"{name} [{rows},{cols}] x {n_x} ({build})")
+
+
+@pytest.mark.skipif(not kernels.C_TYPES, reason="the C kernels are not built here")
+@pytest.mark.parametrize("name", BLOCK_TYPES + ["F16", "BF16"])
+def test_c_dequantize_matches_reference(name):
+    """The C decode of every chunk gives quant.py's values: bit for bit where the formula has one rounding,
+    within 1 ulp where the C fuses a multiply-add that NumPy rounds twice (Q4_1, Q5_1, the k-quants' mins)."""
+    bs = quant.GGML_TYPES[GGML_TYPE_IDS[name]].block_size
+    w = f16_matrix(name, 23, 512) if name in ("F16", "BF16") else random_matrix(name, 23, bs * 3, seed=9)
+    ref = w.dequantize()
+    got = kernels.dequantize_rows(w, 2, 21)
+    assert got.shape == (19, w.shape[1])
+    np.testing.assert_allclose(got, ref[2:21], rtol=2.5e-7, atol=np.abs(ref).max() * 2.5e-7)
 
 
 @pytest.mark.parametrize("name", BLOCK_TYPES + ["F16", "BF16"])
@@ -48,10 +88,7 @@ def test_linear_both_regimes_and_transpose(name):
     bs = quant.GGML_TYPES[GGML_TYPE_IDS[name]].block_size
     rows, cols = 150, (512 if bs == 256 else 96)
     if name in ("F16", "BF16"):
-        f = np.random.default_rng(2).standard_normal((rows, cols)).astype(np.float32)
-        raw = (f.astype(np.float16).view(np.uint8) if name == "F16"
-               else (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8))
-        w = QuantizedMatrix(raw, GGML_TYPE_IDS[name], (rows, cols))
+        w = f16_matrix(name, rows, cols)
     else:
         w = random_matrix(name, rows, cols, seed=3)
     wf = w.dequantize()
@@ -62,7 +99,10 @@ def test_linear_both_regimes_and_transpose(name):
             x = np.random.default_rng(n_x).standard_normal((2, n_x, cols)).astype(np.float32)  # [B,T,cols]
             y = ops.linear(x, w)
             assert y.shape == (2, n_x, rows)
-            check_product(y.reshape(-1, rows), x.reshape(-1, cols), wf, f"{name} linear, T={n_x}")
+            x_used = x.reshape(-1, cols)
+            if kernels.backend(w.ggml_type) == "c" and name in BLOCK_TYPES and 2 * n_x <= kernels.MATVEC_MAX_ROWS:
+                x_used = kernels.round_activations(x_used)  # the integer matrix-vector path
+            check_product(y.reshape(-1, rows), x_used, wf, f"{name} linear, T={n_x}")
             dy = np.random.default_rng(n_x + 7).standard_normal((2, n_x, rows)).astype(np.float32)
             dx, dw, db = ops.linear_backward(dy, x, w, weight_grad=False)
             assert dw is None and db is None

@@ -1,0 +1,826 @@
+/* Products with ggml-block weights on x86-64 CPUs with AVX2 and FMA: the fast path of kernels.py.
+
+   Built at install as the extension module scratchlm._kernels (setup.py; optional: where it does not
+   build or the CPU lacks AVX2, kernels.py uses its numba kernels, which compute the same thing).
+
+   One idea for every type: a weight row is a run of 32-weight chunks, and `decode_<type>` turns chunk c
+   of a row into 32 float32 weights held in four 8-lane registers, exactly as quant.py's NumPy
+   dequantization computes them (same formula, same float32 operations). Then
+
+     matvec:      y[n][r] = sum_c  w_c . x[n]_c       for up to 8 vectors x[n] (each chunk decoded once)
+     dequantize:  W[r] = the decoded chunks, stored   (a tile of weights for a BLAS matrix product)
+
+   Rows are shared among OpenMP threads. Activations stay float32 (llama.cpp rounds them to 8 bits and
+   uses integer dot products): the products equal the float32 reference up to summation order.
+   Decoding a chunk costs a few instructions per 8 weights, less than reading them from memory costs
+   on two cores (benchmarks/NOTES.md), so this path runs at memory bandwidth without llama.cpp's
+   activation quantization.
+*/
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_X86 1
+#include <immintrin.h>
+#else
+#define HAVE_X86 0
+#endif
+
+
+/* ggml type ids (ggml.h) and their block geometry */
+enum { F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
+       Q5_K = 13, Q6_K = 14, BF16 = 30 };
+
+static int block_geometry(int type, int *weights, int *bytes) {
+    switch (type) {
+    case F16: case BF16: *weights = 32; *bytes = 64; return 1;  /* 32 weights as a "block" */
+    case Q4_0: *weights = 32; *bytes = 18; return 1;
+    case Q4_1: *weights = 32; *bytes = 20; return 1;
+    case Q5_0: *weights = 32; *bytes = 22; return 1;
+    case Q5_1: *weights = 32; *bytes = 24; return 1;
+    case Q8_0: *weights = 32; *bytes = 34; return 1;
+    case Q2_K: *weights = 256; *bytes = 84; return 1;
+    case Q3_K: *weights = 256; *bytes = 110; return 1;
+    case Q4_K: *weights = 256; *bytes = 144; return 1;
+    case Q5_K: *weights = 256; *bytes = 176; return 1;
+    case Q6_K: *weights = 256; *bytes = 210; return 1;
+    default: return 0;
+    }
+}
+
+#if HAVE_X86
+#define AVX2 __attribute__((target("avx2,fma,f16c"))) static inline
+
+AVX2 float fp16(const uint8_t *p) {  /* the little-endian fp16 at p */
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+AVX2 __m256 bytes_to_f32(__m128i v) {  /* the low 8 unsigned bytes of v -> 8 floats */
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+}
+
+/* 16 bytes -> their 32 nibbles as floats: out[0..1] the low nibbles (weights 0-15), out[2..3] the high. */
+AVX2 void nibbles_to_f32(__m128i v, __m256 out[4]) {
+    const __m128i m = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    out[0] = bytes_to_f32(lo);
+    out[1] = bytes_to_f32(_mm_srli_si128(lo, 8));
+    out[2] = bytes_to_f32(hi);
+    out[3] = bytes_to_f32(_mm_srli_si128(hi, 8));
+}
+
+/* 8 bits of `bits` (bit k for lane k) -> 16.0f where set, 0 where clear: the 5th bit of Q5 weights. */
+AVX2 __m256i bit16_lanes(uint32_t bits) {
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i b = _mm256_and_si256(_mm256_set1_epi32((int)bits), sel);
+    return _mm256_and_si256(_mm256_cmpeq_epi32(b, sel), _mm256_set1_epi32(16));
+}
+
+AVX2 void q5_to_f32(const uint8_t *qh_p, const uint8_t *qs, __m256 out[4]) {
+    /* 16 bytes of low nibbles + a u32 of 5th bits -> the 32 5-bit values as floats */
+    uint32_t qh;
+    memcpy(&qh, qh_p, 4);
+    __m128i v = _mm_loadu_si128((const __m128i *)qs);
+    const __m128i m = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; i++) {
+        __m256i q = _mm256_or_si256(_mm256_cvtepu8_epi32(parts[i]), bit16_lanes(qh >> (8 * i)));
+        out[i] = _mm256_cvtepi32_ps(q);
+    }
+}
+
+/* --- chunk decoders: chunk c (32 weights) of a row starting at `row` ------------------------------- */
+
+AVX2 void decode_q8_0(const uint8_t *row, long c, __m256 out[4]) {
+    const uint8_t *b = row + 34 * c;  /* d | 32 x int8 ; d * q */
+    __m256 d = _mm256_set1_ps(fp16(b));
+    for (int i = 0; i < 4; i++)
+        out[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * i)))));
+}
+
+AVX2 void decode_q4_0(const uint8_t *row, long c, __m256 out[4]) {
+    const uint8_t *b = row + 18 * c;  /* d | 16 bytes of nibbles ; d * (q - 8) */
+    float d = fp16(b);
+    __m256 vd = _mm256_set1_ps(d), off = _mm256_set1_ps(-8.0f);
+    nibbles_to_f32(_mm_loadu_si128((const __m128i *)(b + 2)), out);
+    for (int i = 0; i < 4; i++) out[i] = _mm256_mul_ps(_mm256_add_ps(out[i], off), vd);
+}
+
+AVX2 void decode_q4_1(const uint8_t *row, long c, __m256 out[4]) {
+    const uint8_t *b = row + 20 * c;  /* d | m | 16 bytes of nibbles ; d * q + m */
+    __m256 vd = _mm256_set1_ps(fp16(b)), vm = _mm256_set1_ps(fp16(b + 2));
+    nibbles_to_f32(_mm_loadu_si128((const __m128i *)(b + 4)), out);
+    for (int i = 0; i < 4; i++) out[i] = _mm256_fmadd_ps(out[i], vd, vm);
+}
+
+AVX2 void decode_q5_0(const uint8_t *row, long c, __m256 out[4]) {
+    const uint8_t *b = row + 22 * c;  /* d | qh u32 | 16 bytes ; d * (q - 16) */
+    __m256 vd = _mm256_set1_ps(fp16(b)), off = _mm256_set1_ps(-16.0f);
+    q5_to_f32(b + 2, b + 6, out);
+    for (int i = 0; i < 4; i++) out[i] = _mm256_mul_ps(_mm256_add_ps(out[i], off), vd);
+}
+
+AVX2 void decode_q5_1(const uint8_t *row, long c, __m256 out[4]) {
+    const uint8_t *b = row + 24 * c;  /* d | m | qh u32 | 16 bytes ; d * q + m */
+    __m256 vd = _mm256_set1_ps(fp16(b)), vm = _mm256_set1_ps(fp16(b + 2));
+    q5_to_f32(b + 4, b + 8, out);
+    for (int i = 0; i < 4; i++) out[i] = _mm256_fmadd_ps(out[i], vd, vm);
+}
+
+/* Q4_K / Q5_K: the 6-bit scale and min of sub-block j from the 12 bytes at s */
+static inline void scale_min_k4(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+AVX2 void decode_q4_k(const uint8_t *row, long c, __m256 out[4]) {
+    /* d | dmin | 12 bytes scales | 128 bytes: bytes 32i..32i+31 hold sub-block 2i (low nibbles) and
+       2i+1 (high); value (d*sc) * q - (dmin*mn). Chunk c = sub-block j of super-block c/8. */
+    const uint8_t *b = row + 144 * (c >> 3);
+    int j = (int)(c & 7), sc, mn;
+    scale_min_k4(b + 4, j, &sc, &mn);
+    __m256 vs = _mm256_set1_ps(fp16(b) * (float)sc), vm = _mm256_set1_ps(fp16(b + 2) * (float)mn);
+    const uint8_t *q = b + 16 + 32 * (j >> 1);
+    __m256i v = _mm256_loadu_si256((const __m256i *)q);
+    if (j & 1) v = _mm256_srli_epi16(v, 4);
+    v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+    __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+    __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; i++) out[i] = _mm256_fmsub_ps(bytes_to_f32(parts[i]), vs, vm);
+}
+
+AVX2 void decode_q5_k(const uint8_t *row, long c, __m256 out[4]) {
+    /* d | dmin | 12 bytes scales | qh[32]: bit j of qh[l] is the 5th bit of weight l of sub-block j |
+       128 bytes of low nibbles as Q4_K */
+    const uint8_t *b = row + 176 * (c >> 3);
+    int j = (int)(c & 7), sc, mn;
+    scale_min_k4(b + 4, j, &sc, &mn);
+    __m256 vs = _mm256_set1_ps(fp16(b) * (float)sc), vm = _mm256_set1_ps(fp16(b + 2) * (float)mn);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * (j >> 1)));
+    if (j & 1) v = _mm256_srli_epi16(v, 4);
+    v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+    __m256i h = _mm256_loadu_si256((const __m256i *)(b + 16));  /* bit j of each byte -> 16 */
+    __m256i bit = _mm256_set1_epi8((char)(1 << j));
+    h = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit), _mm256_set1_epi8(16));
+    v = _mm256_or_si256(v, h);
+    __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+    __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; i++) out[i] = _mm256_fmsub_ps(bytes_to_f32(parts[i]), vs, vm);
+}
+
+AVX2 void decode_q6_k(const uint8_t *row, long c, __m256 out[4]) {
+    /* ql[128] | qh[64] | 16 int8 scales | d. Chunk c of a super-block: half h = c/4, k = c%4: weight
+       128h+32k+l has low bits ql[64h + 32(k&1) + l] (>> 4 when k >= 2) and top bits (qh[32h+l] >> 2k) & 3;
+       value (d*scale[s]) * (q - 32), s = 8h + 2k + l/16 */
+    const uint8_t *b = row + 210 * (c >> 3);
+    int cc = (int)(c & 7), h = cc >> 2, k = cc & 3;
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (k & 1)));
+    if (k >= 2) lo = _mm256_srli_epi16(lo, 4);
+    lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
+    __m256i hi = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+    hi = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * k), _mm256_set1_epi8(3));
+    __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));  /* 6-bit values, < 64: no carry between bytes */
+    float d = fp16(b + 208);
+    int s = 8 * h + 2 * k;
+    __m256 s0 = _mm256_set1_ps(d * (float)(int8_t)b[192 + s]), s1 = _mm256_set1_ps(d * (float)(int8_t)b[193 + s]);
+    __m256 off = _mm256_set1_ps(-32.0f);
+    __m128i a = _mm256_castsi256_si128(q), z = _mm256_extracti128_si256(q, 1);
+    out[0] = _mm256_mul_ps(_mm256_add_ps(bytes_to_f32(a), off), s0);
+    out[1] = _mm256_mul_ps(_mm256_add_ps(bytes_to_f32(_mm_srli_si128(a, 8)), off), s0);
+    out[2] = _mm256_mul_ps(_mm256_add_ps(bytes_to_f32(z), off), s1);
+    out[3] = _mm256_mul_ps(_mm256_add_ps(bytes_to_f32(_mm_srli_si128(z, 8)), off), s1);
+}
+
+AVX2 void decode_q2_k(const uint8_t *row, long c, __m256 out[4]) {
+    /* 16 bytes of scales (low nibble) and mins (high) | 64 bytes: in half h, bits 2k..2k+1 of byte 32h+l
+       are weight 32k+l | d | dmin; value (d*sc) * q - (dmin*mn), s = 8h + 2k + l/16 */
+    const uint8_t *b = row + 84 * (c >> 3);
+    int cc = (int)(c & 7), h = cc >> 2, k = cc & 3, s = 8 * h + 2 * k;
+    __m256i q = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * h));
+    q = _mm256_and_si256(_mm256_srli_epi16(q, 2 * k), _mm256_set1_epi8(3));
+    float d = fp16(b + 80), dmin = fp16(b + 82);
+    __m256 s0 = _mm256_set1_ps(d * (float)(b[s] & 15)), m0 = _mm256_set1_ps(dmin * (float)(b[s] >> 4));
+    __m256 s1 = _mm256_set1_ps(d * (float)(b[s + 1] & 15)), m1 = _mm256_set1_ps(dmin * (float)(b[s + 1] >> 4));
+    __m128i a = _mm256_castsi256_si128(q), z = _mm256_extracti128_si256(q, 1);
+    out[0] = _mm256_fmsub_ps(bytes_to_f32(a), s0, m0);
+    out[1] = _mm256_fmsub_ps(bytes_to_f32(_mm_srli_si128(a, 8)), s0, m0);
+    out[2] = _mm256_fmsub_ps(bytes_to_f32(z), s1, m1);
+    out[3] = _mm256_fmsub_ps(bytes_to_f32(_mm_srli_si128(z, 8)), s1, m1);
+}
+
+static inline int scale_k3(const uint8_t *s, int j) {  /* Q3_K: sub-block j's 6-bit scale, minus 32 */
+    int lo = (s[j & 7] >> (4 * (j >> 3))) & 15;
+    int hi = (s[8 + (j & 3)] >> (2 * (j >> 2))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+AVX2 void decode_q3_k(const uint8_t *row, long c, __m256 out[4]) {
+    /* hmask[32] | 64 bytes low 2 bits as Q2_K | 12 bytes of 6-bit scales | d. Bit 4h+k of hmask[l] set:
+       weight 32k+l of half h keeps q, clear: q - 4. value (d*(sc-32)) * q */
+    const uint8_t *b = row + 110 * (c >> 3);
+    int cc = (int)(c & 7), h = cc >> 2, k = cc & 3, s = 8 * h + 2 * k;
+    __m256i q = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * h));
+    q = _mm256_and_si256(_mm256_srli_epi16(q, 2 * k), _mm256_set1_epi8(3));
+    __m256i hm = _mm256_loadu_si256((const __m256i *)b);
+    __m256i bit = _mm256_set1_epi8((char)(1 << (4 * h + k)));
+    __m256i clear = _mm256_andnot_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), _mm256_set1_epi8(4));
+    float d = fp16(b + 108);
+    __m256 s0 = _mm256_set1_ps(d * (float)scale_k3(b + 96, s)), s1 = _mm256_set1_ps(d * (float)scale_k3(b + 96, s + 1));
+    __m128i a = _mm256_castsi256_si128(q), z = _mm256_extracti128_si256(q, 1);
+    __m128i ca = _mm256_castsi256_si128(clear), cz = _mm256_extracti128_si256(clear, 1);
+    /* q - 4*(1-bit) as floats: (q) - (clear), both small unsigned bytes */
+#define Q3(vq, vc, sc) _mm256_mul_ps(_mm256_sub_ps(bytes_to_f32(vq), bytes_to_f32(vc)), sc)
+    out[0] = Q3(a, ca, s0);
+    out[1] = Q3(_mm_srli_si128(a, 8), _mm_srli_si128(ca, 8), s0);
+    out[2] = Q3(z, cz, s1);
+    out[3] = Q3(_mm_srli_si128(z, 8), _mm_srli_si128(cz, 8), s1);
+#undef Q3
+}
+
+AVX2 void decode_f16(const uint8_t *row, long c, __m256 out[4]) {
+    const uint8_t *b = row + 64 * c;
+    for (int i = 0; i < 4; i++) out[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 16 * i)));
+}
+
+AVX2 void decode_bf16(const uint8_t *row, long c, __m256 out[4]) {  /* bfloat16 = the top half of a float32 */
+    const uint8_t *b = row + 64 * c;
+    for (int i = 0; i < 4; i++)
+        out[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(b + 16 * i))), 16));
+}
+
+AVX2 float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 float hsum_max(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* --- the integer path of matvec (llama.cpp's method) --------------------------------------------
+   Each row of x is first rounded to 8 bits per 32-weight chunk: x ~ dx * xq, xq int8 (dx = max|x|/127),
+   with the sums of xq over each 16 weights. Then a chunk's dot product is integer work on the raw
+   quant values: `maddubs` multiplies 32 unsigned weight bytes by 32 signed xq and adds pairs (16 x int16),
+   `madd` adds pairs again (8 x int32, lane i = weights 4i..4i+3), and only those 8 sums are converted
+   to float and scaled. Offsets (Q4_0's -8, the mins) come from the sums of xq, once per chunk.
+   About 10 instructions per 32 weights where decoding to floats takes ~35: on two cores the 4-bit types
+   then run at memory bandwidth (benchmarks/NOTES.md). The price is the rounding of x: a relative error
+   of at most 1/254 of max|x| per chunk, the error llama.cpp makes too. */
+
+typedef struct { const int8_t *q; const float *d; const int32_t *s16; long chunks; } qx_t;
+
+AVX2 __m256i dot_u8_i8(__m256i u, __m256i s) {  /* 32 u8 x 32 s8 -> 8 int32 lane sums of 4 products */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+AVX2 __m256i nibbles32(__m128i v) {  /* 16 bytes -> 32 bytes: low nibbles (weights 0-15), then high (16-31) */
+    const __m128i m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+AVX2 __m256i q5_bytes(const uint8_t *qh_p, const uint8_t *qs) {  /* Q5: nibbles | 5th bits << 4 */
+    uint32_t qh;
+    memcpy(&qh, qh_p, 4);
+    /* spread the 32 bits over 32 bytes: byte i gets bit i */
+    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), shuf);
+    b = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit), _mm256_set1_epi8(16));
+    return _mm256_or_si256(nibbles32(_mm_loadu_si128((const __m128i *)qs)), b);
+}
+
+/* dot_<type>(row, c, xq chunk, dx, xq sums of the chunk's two halves, acc, macc):
+   acc += the chunk's 8 lane sums, scaled (float); macc += its offset terms (scalar) */
+
+AVX2 void dot_q8_0(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+    const uint8_t *b = row + 34 * c;
+    __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2)), x = _mm256_loadu_si256((const __m256i *)xq);
+    /* signed x signed: |w| (unsigned) times x with w's sign */
+    __m256i p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(b) * dx), *acc);
+    (void)s16; (void)macc;
+}
+
+AVX2 void dot_q4_0(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+    const uint8_t *b = row + 18 * c;  /* d * (q - 8) */
+    __m256i p = dot_u8_i8(nibbles32(_mm_loadu_si128((const __m128i *)(b + 2))), _mm256_loadu_si256((const __m256i *)xq));
+    float d = fp16(b) * dx;
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), *acc);
+    *macc -= 8.0f * d * (float)(s16[0] + s16[1]);
+}
+
+AVX2 void dot_q4_1(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+    const uint8_t *b = row + 20 * c;  /* d * q + m */
+    __m256i p = dot_u8_i8(nibbles32(_mm_loadu_si128((const __m128i *)(b + 4))), _mm256_loadu_si256((const __m256i *)xq));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(b) * dx), *acc);
+    *macc += fp16(b + 2) * dx * (float)(s16[0] + s16[1]);
+}
+
+AVX2 void dot_q5_0(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+    const uint8_t *b = row + 22 * c;  /* d * (q - 16) */
+    __m256i p = dot_u8_i8(q5_bytes(b + 2, b + 6), _mm256_loadu_si256((const __m256i *)xq));
+    float d = fp16(b) * dx;
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), *acc);
+    *macc -= 16.0f * d * (float)(s16[0] + s16[1]);
+}
+
+AVX2 void dot_q5_1(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+    const uint8_t *b = row + 24 * c;  /* d * q + m */
+    __m256i p = dot_u8_i8(q5_bytes(b + 4, b + 8), _mm256_loadu_si256((const __m256i *)xq));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(b) * dx), *acc);
+    *macc += fp16(b + 2) * dx * (float)(s16[0] + s16[1]);
+}
+
+AVX2 void dot_q4_k(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+    const uint8_t *b = row + 144 * (c >> 3);  /* (d*sc) * q - (dmin*mn), chunk = sub-block j */
+    int j = (int)(c & 7), sc, mn;
+    scale_min_k4(b + 4, j, &sc, &mn);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * (j >> 1)));
+    if (j & 1) v = _mm256_srli_epi16(v, 4);
+    v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+    __m256i p = dot_u8_i8(v, _mm256_loadu_si256((const __m256i *)xq));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(b) * (float)sc * dx), *acc);
+    *macc -= fp16(b + 2) * (float)mn * dx * (float)(s16[0] + s16[1]);
+}
+
+AVX2 void dot_q5_k(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+    const uint8_t *b = row + 176 * (c >> 3);
+    int j = (int)(c & 7), sc, mn;
+    scale_min_k4(b + 4, j, &sc, &mn);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * (j >> 1)));
+    if (j & 1) v = _mm256_srli_epi16(v, 4);
+    v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+    __m256i h = _mm256_loadu_si256((const __m256i *)(b + 16)), bit = _mm256_set1_epi8((char)(1 << j));
+    v = _mm256_or_si256(v, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit), _mm256_set1_epi8(16)));
+    __m256i p = dot_u8_i8(v, _mm256_loadu_si256((const __m256i *)xq));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(b) * (float)sc * dx), *acc);
+    *macc -= fp16(b + 2) * (float)mn * dx * (float)(s16[0] + s16[1]);
+}
+
+AVX2 __m256 halves(float a, float b) {  /* lanes 0-3 = a (weights 0-15), lanes 4-7 = b (16-31) */
+    return _mm256_setr_ps(a, a, a, a, b, b, b, b);
+}
+
+AVX2 void dot_q6_k(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+    const uint8_t *b = row + 210 * (c >> 3);  /* (d*scale[s]) * (q - 32), two scales per chunk */
+    int cc = (int)(c & 7), h = cc >> 2, k = cc & 3, s = 8 * h + 2 * k;
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (k & 1)));
+    if (k >= 2) lo = _mm256_srli_epi16(lo, 4);
+    lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h)), 2 * k),
+                                  _mm256_set1_epi8(3));
+    __m256i p = dot_u8_i8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_loadu_si256((const __m256i *)xq));
+    float d = fp16(b + 208) * dx, a0 = d * (float)(int8_t)b[192 + s], a1 = d * (float)(int8_t)b[193 + s];
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), halves(a0, a1), *acc);
+    *macc -= 32.0f * (a0 * (float)s16[0] + a1 * (float)s16[1]);
+}
+
+AVX2 void dot_q2_k(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+    const uint8_t *b = row + 84 * (c >> 3);  /* (d*sc) * q - (dmin*mn), scale and min per 16 */
+    int cc = (int)(c & 7), h = cc >> 2, k = cc & 3, s = 8 * h + 2 * k;
+    __m256i q = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(b + 16 + 32 * h)), 2 * k),
+                                 _mm256_set1_epi8(3));
+    __m256i p = dot_u8_i8(q, _mm256_loadu_si256((const __m256i *)xq));
+    float d = fp16(b + 80) * dx, dmin = fp16(b + 82) * dx;
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), halves(d * (float)(b[s] & 15), d * (float)(b[s + 1] & 15)), *acc);
+    *macc -= dmin * ((float)(b[s] >> 4) * (float)s16[0] + (float)(b[s + 1] >> 4) * (float)s16[1]);
+}
+
+AVX2 void dot_q3_k(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+    const uint8_t *b = row + 110 * (c >> 3);  /* (d*(sc-32)) * (q' - 4), q' = low 2 bits + 4 * hmask bit */
+    int cc = (int)(c & 7), h = cc >> 2, k = cc & 3, s = 8 * h + 2 * k;
+    __m256i q = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(b + 32 + 32 * h)), 2 * k),
+                                 _mm256_set1_epi8(3));
+    __m256i hm = _mm256_loadu_si256((const __m256i *)b), bit = _mm256_set1_epi8((char)(1 << (4 * h + k)));
+    q = _mm256_or_si256(q, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), _mm256_set1_epi8(4)));
+    __m256i p = dot_u8_i8(q, _mm256_loadu_si256((const __m256i *)xq));
+    float d = fp16(b + 108) * dx, a0 = d * (float)scale_k3(b + 96, s), a1 = d * (float)scale_k3(b + 96, s + 1);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), halves(a0, a1), *acc);
+    *macc -= 4.0f * (a0 * (float)s16[0] + a1 * (float)s16[1]);
+}
+
+/* x [N, C] float32 -> xq int8 [N, C], dx [N, C/32], sums of xq per 16 [N, C/16] (round to nearest even) */
+AVX2 void quantize_x(const float *x, long N, long C, int8_t *xq, float *dx, int32_t *s16) {
+    for (long i = 0; i < N * C / 32; i++) {
+        const float *xc = x + 32 * i;
+        __m256 v[4], m = _mm256_setzero_ps();
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(xc + 8 * k);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+        }
+        float amax = hsum_max(m), d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        dx[i] = d;
+        __m256 vid = _mm256_set1_ps(id);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], vid));
+        int32_t t[32];
+        for (int k = 0; k < 4; k++) _mm256_storeu_si256((__m256i *)(t + 8 * k), q[k]);
+        int32_t a = 0, b = 0;
+        for (int k = 0; k < 16; k++) { xq[32 * i + k] = (int8_t)t[k]; a += t[k]; }
+        for (int k = 16; k < 32; k++) { xq[32 * i + k] = (int8_t)t[k]; b += t[k]; }
+        s16[2 * i] = a;
+        s16[2 * i + 1] = b;
+    }
+}
+
+/* --- the kernels, one copy per type -----------------------------------------------------------------
+   Each runs on a range of weight rows [lo, hi), so that the pool below can share rows among threads.
+   matvec (F16, BF16):  out[n*R + r] = W[r] . x[n] for n < N (N <= 8), x float32 [N, C].
+   matvec8 (blocks):    the same from x rounded to 8 bits (xq, dx, s16; see quantize_x).
+   dequant:             out[r*C .. r*C+C) = W[r]. */
+
+typedef struct {
+    const uint8_t *raw;
+    long rows, row_bytes, chunks, N;
+    const float *x;    /* matvec */
+    const int8_t *xq;  /* matvec8 */
+    const float *dx;
+    const int32_t *s16;
+    float *out;
+} args_t;
+
+typedef void (*rows_fn)(const args_t *, long, long);
+
+#define FLOAT_MATVEC(T, DECODE)                                                                                  \
+    __attribute__((target("avx2,fma,f16c"))) static void matvec_##T(const args_t *a, long lo, long hi) {    \
+        long C = 32 * a->chunks;                                                                            \
+        for (long r = lo; r < hi; r++) {                                                                    \
+            const uint8_t *row = a->raw + r * a->row_bytes;                                                 \
+            __m256 acc[8], w[4];                                                                            \
+            for (long n = 0; n < a->N; n++) acc[n] = _mm256_setzero_ps();                                   \
+            for (long c = 0; c < a->chunks; c++) {                                                          \
+                DECODE(row, c, w);                                                                          \
+                for (long n = 0; n < a->N; n++) {                                                           \
+                    const float *xc = a->x + n * C + 32 * c;                                                \
+                    __m256 p = _mm256_mul_ps(w[0], _mm256_loadu_ps(xc));                                    \
+                    p = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xc + 8), p);                                  \
+                    __m256 q = _mm256_mul_ps(w[2], _mm256_loadu_ps(xc + 16));                               \
+                    q = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xc + 24), q);                                 \
+                    acc[n] = _mm256_add_ps(acc[n], _mm256_add_ps(p, q));                                    \
+                }                                                                                           \
+            }                                                                                               \
+            for (long n = 0; n < a->N; n++) a->out[n * a->rows + r] = hsum(acc[n]);                         \
+        }                                                                                                   \
+    }
+
+#define DEQUANT(T, DECODE)                                                                                  \
+    __attribute__((target("avx2,fma,f16c"))) static void dequant_##T(const args_t *a, long lo, long hi) {   \
+        for (long r = lo; r < hi; r++) {                                                                    \
+            const uint8_t *row = a->raw + r * a->row_bytes;                                                 \
+            float *o = a->out + r * 32 * a->chunks;                                                         \
+            __m256 w[4];                                                                                    \
+            for (long c = 0; c < a->chunks; c++) {                                                          \
+                DECODE(row, c, w);                                                                          \
+                for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + 32 * c + 8 * i, w[i]);                    \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+
+#define INT_KERNEL(T)                                                                                       \
+    __attribute__((target("avx2,fma,f16c"))) static void matvec8_##T(const args_t *a, long lo, long hi) {   \
+        long C = 32 * a->chunks;                                                                            \
+        for (long r = lo; r < hi; r++) {                                                                    \
+            const uint8_t *row = a->raw + r * a->row_bytes;                                                 \
+            for (long n = 0; n < a->N; n++) {                                                               \
+                __m256 acc = _mm256_setzero_ps();                                                           \
+                float macc = 0.0f;                                                                          \
+                const int8_t *q = a->xq + n * C;                                                            \
+                const float *d = a->dx + n * a->chunks;                                                     \
+                const int32_t *s = a->s16 + 2 * n * a->chunks;                                              \
+                for (long c = 0; c < a->chunks; c++) dot_##T(row, c, q + 32 * c, d[c], s + 2 * c, &acc, &macc); \
+                a->out[n * a->rows + r] = hsum(acc) + macc;                                                 \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+
+INT_KERNEL(q8_0)
+INT_KERNEL(q4_0)
+INT_KERNEL(q4_1)
+INT_KERNEL(q5_0)
+INT_KERNEL(q5_1)
+INT_KERNEL(q2_k)
+INT_KERNEL(q3_k)
+INT_KERNEL(q4_k)
+INT_KERNEL(q5_k)
+INT_KERNEL(q6_k)
+DEQUANT(q8_0, decode_q8_0)
+DEQUANT(q4_0, decode_q4_0)
+DEQUANT(q4_1, decode_q4_1)
+DEQUANT(q5_0, decode_q5_0)
+DEQUANT(q5_1, decode_q5_1)
+DEQUANT(q2_k, decode_q2_k)
+DEQUANT(q3_k, decode_q3_k)
+DEQUANT(q4_k, decode_q4_k)
+DEQUANT(q5_k, decode_q5_k)
+DEQUANT(q6_k, decode_q6_k)
+DEQUANT(f16, decode_f16)
+DEQUANT(bf16, decode_bf16)
+FLOAT_MATVEC(f16, decode_f16)
+FLOAT_MATVEC(bf16, decode_bf16)
+
+/* matvec (the integer one for block types), dequant */
+static int lookup(int type, rows_fn *mv, rows_fn *dq, int *integer) {
+    *integer = 1;
+    switch (type) {
+#define CASE(ID, T) case ID: *mv = matvec8_##T; *dq = dequant_##T; return 1;
+    CASE(Q8_0, q8_0) CASE(Q4_0, q4_0) CASE(Q4_1, q4_1) CASE(Q5_0, q5_0) CASE(Q5_1, q5_1)
+    CASE(Q2_K, q2_k) CASE(Q3_K, q3_k) CASE(Q4_K, q4_k) CASE(Q5_K, q5_k) CASE(Q6_K, q6_k)
+#undef CASE
+    case F16: *mv = matvec_f16; *dq = dequant_f16; *integer = 0; return 1;
+    case BF16: *mv = matvec_bf16; *dq = dequant_bf16; *integer = 0; return 1;
+    default: return 0;
+    }
+}
+
+static int cpu_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+/* --- the thread pool ------------------------------------------------------------------------------------
+   Why not OpenMP: a parallel region ends at a barrier that waits for every thread, so when another process
+   holds the second core, each of the ~150 calls of a decode step waits for a descheduled thread (measured:
+   12 ms per call instead of 0.2 ms on this 2-core machine under load). Here the caller works through the
+   rows itself, chunk by chunk from a shared counter, and waits only for the workers that took a chunk;
+   a worker that wakes too late finds no chunk left and goes back to waiting.
+
+   Protocol (gen: even = a job is open, odd = the caller is writing the next one):
+   caller:  gen++ (odd); wait until no worker is in; write the job; gen++ (even); take chunks; wait until
+            no worker is in.
+   worker:  g = gen (even, new); in++; if gen != g { in--; retry } else take chunks; in--.
+   Idle workers spin briefly (the next call of a decode step comes within microseconds), then sleep. */
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <unistd.h>
+
+#define MAX_THREADS 64
+#define SPIN_ROUNDS 20000 /* ~50-100 us of pause instructions before a worker sleeps */
+
+static struct {
+    pthread_mutex_t submit;       /* one caller at a time (others run their job alone) */
+    pthread_mutex_t sleep_lock;
+    pthread_cond_t wake;
+    atomic_ulong gen;
+    atomic_long next;             /* the next row to take */
+    atomic_int in;                /* workers inside the current job */
+    atomic_int sleepers;
+    rows_fn fn;
+    const args_t *args;
+    long rows, chunk;
+    int n_threads, started;
+    pid_t pid;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static void take_chunks(void) {
+    long i;
+    while ((i = atomic_fetch_add(&pool.next, pool.chunk)) < pool.rows) {
+        long hi = i + pool.chunk < pool.rows ? i + pool.chunk : pool.rows;
+        pool.fn(pool.args, i, hi);
+    }
+}
+
+static void *worker(void *unused) {
+    (void)unused;
+    unsigned long seen = atomic_load(&pool.gen);
+    for (;;) {
+        unsigned long g;
+        int spins = 0;
+        while (((g = atomic_load(&pool.gen)) == seen || (g & 1)) && spins < SPIN_ROUNDS) {
+            _mm_pause();
+            spins++;
+        }
+        if (g == seen || (g & 1)) {  /* nothing new for a while: sleep until a caller wakes us */
+            pthread_mutex_lock(&pool.sleep_lock);
+            atomic_fetch_add(&pool.sleepers, 1);
+            while ((g = atomic_load(&pool.gen)) == seen || (g & 1)) pthread_cond_wait(&pool.wake, &pool.sleep_lock);
+            atomic_fetch_sub(&pool.sleepers, 1);
+            pthread_mutex_unlock(&pool.sleep_lock);
+        }
+        atomic_fetch_add(&pool.in, 1);
+        if (atomic_load(&pool.gen) == g) take_chunks();
+        atomic_fetch_sub(&pool.in, 1);
+        seen = g;
+    }
+    return NULL;
+}
+
+static int default_threads(void) {
+    const char *e = getenv("SCRATCHLM_THREADS");
+    if (!e || !*e) e = getenv("OMP_NUM_THREADS");  /* what `make test` and BLAS users already set */
+    long n = e && *e ? strtol(e, NULL, 10) : sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : (int)n;
+}
+
+static void start_pool(void) {  /* called with pool.submit held */
+    if (pool.started && pool.pid == getpid()) return;
+    pool.pid = getpid();  /* after a fork the workers are gone: start new ones */
+    if (!pool.n_threads) pool.n_threads = default_threads();
+    pool.started = 1;
+    for (int t = 1; t < pool.n_threads; t++) {
+        pthread_t th;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&th, &at, worker, NULL)) pool.n_threads = t;  /* fewer threads: still correct */
+        pthread_attr_destroy(&at);
+    }
+}
+
+/* fn over rows [0, rows), in chunks, by the caller and any worker that joins in */
+static void run_rows(rows_fn fn, const args_t *a, long rows, long chunk) {
+    if (rows <= 0) return;
+    if (pthread_mutex_trylock(&pool.submit) != 0) {  /* another Python thread is using the pool: go alone */
+        fn(a, 0, rows);
+        return;
+    }
+    start_pool();
+    if (pool.n_threads < 2 || rows <= chunk) {
+        pthread_mutex_unlock(&pool.submit);
+        fn(a, 0, rows);
+        return;
+    }
+    atomic_fetch_add(&pool.gen, 1);  /* odd: closed while the job is written */
+    while (atomic_load(&pool.in)) _mm_pause();
+    pool.fn = fn;
+    pool.args = a;
+    pool.rows = rows;
+    pool.chunk = chunk;
+    atomic_store(&pool.next, 0);
+    atomic_fetch_add(&pool.gen, 1);  /* even: open */
+    if (atomic_load(&pool.sleepers)) {
+        pthread_mutex_lock(&pool.sleep_lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.sleep_lock);
+    }
+    take_chunks();
+    while (atomic_load(&pool.in)) _mm_pause();  /* only workers that are inside this job */
+    pthread_mutex_unlock(&pool.submit);
+}
+
+/* rows per chunk: ~64 KB of weights, so a chunk is a few microseconds and the threads share out evenly */
+static long chunk_rows(long row_bytes) {
+    long c = (64 << 10) / (row_bytes ? row_bytes : 1);
+    return c < 1 ? 1 : c;
+}
+#else
+static int cpu_ok(void) { return 0; }
+#endif
+
+/* --- Python entry points ---------------------------------------------------------------------------- */
+
+/* The buffers come from kernels.py, which passes C-contiguous arrays of the right dtypes and sizes; the
+   checks here guard the memory this code touches all the same. */
+static int get_buffer(PyObject *o, Py_buffer *b, int writable, const char *what) {
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+        PyErr_Format(PyExc_ValueError, "_kernels: %s must be a C-contiguous%s buffer", what, writable ? " writable" : "");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_matvec(PyObject *self, PyObject *args) {
+    int type;
+    long rows, cols;
+    PyObject *ro, *xo, *oo;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iOllOO", &type, &ro, &rows, &cols, &xo, &oo)) return NULL;
+#if HAVE_X86
+    rows_fn mv, dq;
+    int bw, bb, integer;
+    if (!lookup(type, &mv, &dq, &integer) || !block_geometry(type, &bw, &bb) || cols <= 0 || cols % bw || rows < 0) {
+        PyErr_Format(PyExc_ValueError, "_kernels.matvec: unsupported type %d or shape [%ld, %ld]", type, rows, cols);
+        return NULL;
+    }
+    Py_buffer r, x, o;
+    if (!get_buffer(ro, &r, 0, "raw")) return NULL;
+    if (!get_buffer(xo, &x, 0, "x")) { PyBuffer_Release(&r); return NULL; }
+    if (!get_buffer(oo, &o, 1, "out")) { PyBuffer_Release(&r); PyBuffer_Release(&x); return NULL; }
+    long row_bytes = cols / bw * bb, N = (long)(x.len / (4 * cols)), chunks = cols / 32;
+    if (r.len != rows * row_bytes || x.len != N * cols * 4 || N < 1 || N > 8 || o.len != N * rows * 4) {
+        PyErr_SetString(PyExc_ValueError, "_kernels.matvec: buffer sizes do not match the shapes");
+    } else {
+        args_t a = {(const uint8_t *)r.buf, rows, row_bytes, chunks, N, (const float *)x.buf, NULL, NULL, NULL, (float *)o.buf};
+        void *tmp = integer ? PyMem_RawMalloc((size_t)(N * cols + N * chunks * 4 + N * chunks * 8)) : NULL;
+        if (integer && !tmp) {
+            PyErr_NoMemory();
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            if (integer) {  /* block types: x rounded to 8 bits, integer dot products */
+                int8_t *xq = (int8_t *)tmp;
+                float *dx = (float *)(xq + N * cols);
+                int32_t *s16 = (int32_t *)(dx + N * chunks);
+                quantize_x((const float *)x.buf, N, cols, xq, dx, s16);
+                a.xq = xq; a.dx = dx; a.s16 = s16;
+            }
+            run_rows(mv, &a, rows, chunk_rows(row_bytes));
+            Py_END_ALLOW_THREADS
+            PyMem_RawFree(tmp);
+        }
+    }
+    PyBuffer_Release(&r); PyBuffer_Release(&x); PyBuffer_Release(&o);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "_kernels: built without AVX2 kernels");
+    return NULL;
+#endif
+}
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    int type;
+    long rows, cols;
+    PyObject *ro, *oo;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iOllO", &type, &ro, &rows, &cols, &oo)) return NULL;
+#if HAVE_X86
+    rows_fn mv, dq;
+    int bw, bb, integer;
+    if (!lookup(type, &mv, &dq, &integer) || !block_geometry(type, &bw, &bb) || cols <= 0 || cols % bw || rows < 0) {
+        PyErr_Format(PyExc_ValueError, "_kernels.dequantize: unsupported type %d or shape [%ld, %ld]", type, rows, cols);
+        return NULL;
+    }
+    Py_buffer r, o;
+    if (!get_buffer(ro, &r, 0, "raw")) return NULL;
+    if (!get_buffer(oo, &o, 1, "out")) { PyBuffer_Release(&r); return NULL; }
+    long row_bytes = cols / bw * bb;
+    if (r.len != rows * row_bytes || o.len != rows * cols * 4) {
+        PyErr_SetString(PyExc_ValueError, "_kernels.dequantize: buffer sizes do not match the shapes");
+    } else {
+        args_t a = {(const uint8_t *)r.buf, rows, row_bytes, cols / 32, 0, NULL, NULL, NULL, NULL, (float *)o.buf};
+        Py_BEGIN_ALLOW_THREADS
+        run_rows(dq, &a, rows, chunk_rows(row_bytes));
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&r); PyBuffer_Release(&o);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+#else
+    PyErr_SetString(PyExc_RuntimeError, "_kernels: built without AVX2 kernels");
+    return NULL;
+#endif
+}
+
+static PyObject *py_supported(PyObject *self, PyObject *args) {
+    /* the ggml type ids this build and this CPU can run (empty: use the numba kernels) */
+    (void)self; (void)args;
+    PyObject *out = PyList_New(0);
+    if (!out || !cpu_ok()) return out;
+#if HAVE_X86
+    int ids[] = {F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16};
+    for (unsigned i = 0; i < sizeof ids / sizeof ids[0]; i++) {
+        PyObject *v = PyLong_FromLong(ids[i]);
+        if (!v || PyList_Append(out, v) < 0) { Py_XDECREF(v); Py_DECREF(out); return NULL; }
+        Py_DECREF(v);
+    }
+#endif
+    return out;
+}
+
+static PyObject *py_set_threads(PyObject *self, PyObject *args) {
+    /* threads the kernels use from the next call on (n > 0; before the first call only, or after a fork:
+       running workers are not stopped), and the count in effect */
+    int n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+#if HAVE_X86
+    pthread_mutex_lock(&pool.submit);
+    if (n > 0 && !(pool.started && pool.pid == getpid())) pool.n_threads = n > MAX_THREADS ? MAX_THREADS : n;
+    int have = pool.n_threads ? pool.n_threads : default_threads();
+    pthread_mutex_unlock(&pool.submit);
+    return PyLong_FromLong(have);
+#else
+    (void)n;
+    return PyLong_FromLong(1);
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"matvec", py_matvec, METH_VARARGS, "matvec(type, raw, rows, cols, x, out): out[N, rows] = x[N, cols] @ W.T"},
+    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, raw, rows, cols, out): out[rows, cols] = W"},
+    {"supported", py_supported, METH_NOARGS, "the ggml type ids these kernels run on this CPU"},
+    {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads of the kernels (n > 0, before their first call), returns the count"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "AVX2 kernels for ggml blocks (see kernels.py)", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
