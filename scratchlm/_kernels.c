@@ -20,6 +20,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -486,10 +488,11 @@ typedef struct {
     float *out;
 } args_t;
 
-typedef void (*rows_fn)(const args_t *, long, long);
+typedef void (*rows_fn)(const void *, long, long);  /* work on rows [lo, hi) of a job */
 
 #define FLOAT_MATVEC(T, DECODE)                                                                                  \
-    __attribute__((target("avx2,fma,f16c"))) static void matvec_##T(const args_t *a, long lo, long hi) {    \
+    __attribute__((target("avx2,fma,f16c"))) static void matvec_##T(const void *va, long lo, long hi) { \
+        const args_t *a = va;    \
         long C = 32 * a->chunks;                                                                            \
         for (long r = lo; r < hi; r++) {                                                                    \
             const uint8_t *row = a->raw + r * a->row_bytes;                                                 \
@@ -511,7 +514,8 @@ typedef void (*rows_fn)(const args_t *, long, long);
     }
 
 #define DEQUANT(T, DECODE)                                                                                  \
-    __attribute__((target("avx2,fma,f16c"))) static void dequant_##T(const args_t *a, long lo, long hi) {   \
+    __attribute__((target("avx2,fma,f16c"))) static void dequant_##T(const void *va, long lo, long hi) { \
+        const args_t *a = va;   \
         for (long r = lo; r < hi; r++) {                                                                    \
             const uint8_t *row = a->raw + r * a->row_bytes;                                                 \
             float *o = a->out + r * 32 * a->chunks;                                                         \
@@ -524,7 +528,8 @@ typedef void (*rows_fn)(const args_t *, long, long);
     }
 
 #define INT_KERNEL(T)                                                                                       \
-    __attribute__((target("avx2,fma,f16c"))) static void matvec8_##T(const args_t *a, long lo, long hi) {   \
+    __attribute__((target("avx2,fma,f16c"))) static void matvec8_##T(const void *va, long lo, long hi) { \
+        const args_t *a = va;   \
         long C = 32 * a->chunks;                                                                            \
         for (long r = lo; r < hi; r++) {                                                                    \
             const uint8_t *row = a->raw + r * a->row_bytes;                                                 \
@@ -541,7 +546,8 @@ typedef void (*rows_fn)(const args_t *, long, long);
     }
 
 #define SB_KERNEL(T, BYTES)                                                                                 \
-    __attribute__((target("avx2,fma,f16c"))) static void matvec8_##T(const args_t *a, long lo, long hi) {   \
+    __attribute__((target("avx2,fma,f16c"))) static void matvec8_##T(const void *va, long lo, long hi) { \
+        const args_t *a = va;   \
         long C = 32 * a->chunks, nsb = a->chunks / 8;                                                       \
         for (long r = lo; r < hi; r++) {                                                                    \
             const uint8_t *row = a->raw + r * a->row_bytes;                                                 \
@@ -631,7 +637,7 @@ static struct {
     atomic_int in;                /* workers inside the current job */
     atomic_int sleepers;
     rows_fn fn;
-    const args_t *args;
+    const void *args;
     long rows, chunk;
     int n_threads, started;
     pid_t pid;
@@ -693,7 +699,7 @@ static void start_pool(void) {  /* called with pool.submit held */
 }
 
 /* fn over rows [0, rows), in chunks, by the caller and any worker that joins in */
-static void run_rows(rows_fn fn, const args_t *a, long rows, long chunk) {
+static void run_rows(rows_fn fn, const void *a, long rows, long chunk) {
     if (rows <= 0) return;
     if (pthread_mutex_trylock(&pool.submit) != 0) {  /* another Python thread is using the pool: go alone */
         fn(a, 0, rows);
@@ -727,6 +733,79 @@ static void run_rows(rows_fn fn, const args_t *a, long rows, long chunk) {
 static long chunk_rows(long row_bytes) {
     long c = (64 << 10) / (row_bytes ? row_bytes : 1);
     return c < 1 ? 1 : c;
+}
+
+/* --- two decode-step ops, for the call count ------------------------------------------------------------
+   Decoding one token runs each op on a few hundred numbers, so NumPy's ~1-3 us per call, not arithmetic,
+   is the cost: RMSNorm is 7 NumPy calls and attention over the cache about 12, per layer. These compute
+   what ops.rms_norm and ops.attention compute (same float32 formula, summation order aside), in one call
+   each; tests/test_kernels.py holds them to the NumPy versions. */
+
+typedef struct {
+    const float *x, *w, *q, *k, *v;
+    float *out;
+    long D, Hd, S, G, k_stride, v_stride;
+    float eps, scale;
+} op_t;
+
+AVX2 float dot_f32(const float *a, const float *b, long n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    float t = hsum(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
+/* rows [lo, hi) of x [N, D]: out = x * (1 / sqrt(mean(x^2) + eps)) * w */
+__attribute__((target("avx2,fma,f16c"))) static void rms_rows(const void *vo, long lo, long hi) {
+    const op_t *o = vo;
+    for (long r = lo; r < hi; r++) {
+        const float *x = o->x + r * o->D;
+        float *y = o->out + r * o->D;
+        __m256 rv = _mm256_set1_ps(1.0f / sqrtf(dot_f32(x, x, o->D) / (float)o->D + o->eps));
+        long i = 0;
+        for (; i + 8 <= o->D; i += 8)
+            _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv), _mm256_loadu_ps(o->w + i)));
+        for (; i < o->D; i++) y[i] = x[i] * _mm256_cvtss_f32(rv) * o->w[i];
+    }
+}
+
+/* query heads [lo, hi): out[h] = softmax(q[h] . k[h/G, :S] * scale) @ v[h/G, :S]; k, v rows Hd apart,
+   heads k_stride / v_stride apart (the cache's [K, S_max, Hd]) */
+__attribute__((target("avx2,fma,f16c"))) static void attend_heads(const void *vo, long lo, long hi) {
+    const op_t *o = vo;
+    float *p = PyMem_RawMalloc(sizeof(float) * (size_t)(o->S > 0 ? o->S : 1));
+    if (!p) {  /* no memory for the scores: NaN rather than a wrong answer */
+        for (long i = lo * o->Hd; i < hi * o->Hd; i++) o->out[i] = NAN;
+        return;
+    }
+    long Hd = o->Hd;
+    for (long h = lo; h < hi; h++) {
+        const float *q = o->q + h * Hd, *k = o->k + (h / o->G) * o->k_stride, *v = o->v + (h / o->G) * o->v_stride;
+        float m = -INFINITY, l = 0.0f;
+        for (long s = 0; s < o->S; s++) {
+            p[s] = dot_f32(q, k + s * Hd, Hd) * o->scale;
+            if (p[s] > m) m = p[s];
+        }
+        for (long s = 0; s < o->S; s++) {
+            p[s] = expf(p[s] - m);
+            l += p[s];
+        }
+        float *y = o->out + h * Hd;
+        for (long i = 0; i < Hd; i++) y[i] = 0.0f;
+        for (long s = 0; s < o->S; s++) {
+            __m256 ps = _mm256_set1_ps(p[s] / l);
+            const float *vs = v + s * Hd;
+            long i = 0;
+            for (; i + 8 <= Hd; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(ps, _mm256_loadu_ps(vs + i), _mm256_loadu_ps(y + i)));
+            for (; i < Hd; i++) y[i] += p[s] / l * vs[i];
+        }
+    }
+    PyMem_RawFree(p);
 }
 #else
 static int cpu_ok(void) { return 0; }
@@ -826,6 +905,72 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
 #endif
 }
 
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    /* rms_norm(x [N, D] f32, w [D] f32, eps, out [N, D] f32) */
+    PyObject *xo, *wo, *oo;
+    double eps;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOdO", &xo, &wo, &eps, &oo)) return NULL;
+#if HAVE_X86
+    Py_buffer x, w, o;
+    if (!get_buffer(xo, &x, 0, "x")) return NULL;
+    if (!get_buffer(wo, &w, 0, "w")) { PyBuffer_Release(&x); return NULL; }
+    if (!get_buffer(oo, &o, 1, "out")) { PyBuffer_Release(&x); PyBuffer_Release(&w); return NULL; }
+    long D = (long)(w.len / 4);
+    if (D < 1 || x.len % (4 * D) || o.len != x.len) {
+        PyErr_SetString(PyExc_ValueError, "_kernels.rms_norm: buffer sizes do not match");
+    } else {
+        op_t a = {(const float *)x.buf, (const float *)w.buf, NULL, NULL, NULL, (float *)o.buf, D, 0, 0, 0, 0, 0, (float)eps, 0};
+        long N = (long)(x.len / (4 * D));
+        Py_BEGIN_ALLOW_THREADS
+        rms_rows(&a, 0, N);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&x); PyBuffer_Release(&w); PyBuffer_Release(&o);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+#else
+    (void)eps; PyErr_SetString(PyExc_RuntimeError, "_kernels: built without AVX2 kernels"); return NULL;
+#endif
+}
+
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    /* attend(q [H, Hd], k [K, S, Hd], v [K, S, Hd], scale, out [H, Hd]), float32; k and v may be views of
+       a longer cache (rows Hd floats apart, heads any distance apart) */
+    PyObject *qo, *ko, *vo, *oo;
+    double scale;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOdO", &qo, &ko, &vo, &scale, &oo)) return NULL;
+#if HAVE_X86
+    Py_buffer q, k, v, o;
+    if (!get_buffer(qo, &q, 0, "q")) return NULL;
+    if (PyObject_GetBuffer(ko, &k, PyBUF_STRIDES) < 0) { PyBuffer_Release(&q); return NULL; }
+    if (PyObject_GetBuffer(vo, &v, PyBUF_STRIDES) < 0) { PyBuffer_Release(&q); PyBuffer_Release(&k); return NULL; }
+    if (!get_buffer(oo, &o, 1, "out")) { PyBuffer_Release(&q); PyBuffer_Release(&k); PyBuffer_Release(&v); return NULL; }
+    int ok = q.ndim == 2 && k.ndim == 3 && v.ndim == 3 && o.ndim == 2 && q.itemsize == 4 && k.itemsize == 4
+             && v.itemsize == 4 && o.itemsize == 4 && k.shape[0] >= 1 && k.shape[1] >= 1
+             && q.shape[1] == k.shape[2] && k.shape[2] == v.shape[2] && k.shape[0] == v.shape[0] && k.shape[1] == v.shape[1]
+             && q.shape[0] % k.shape[0] == 0 && o.shape[0] == q.shape[0] && o.shape[1] == q.shape[1]
+             && k.strides[2] == 4 && v.strides[2] == 4 && k.strides[1] == 4 * k.shape[2] && v.strides[1] == 4 * v.shape[2]
+             && k.strides[0] % 4 == 0 && v.strides[0] % 4 == 0 && k.strides[0] >= 0 && v.strides[0] >= 0;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "_kernels.attend: shapes do not match q [H, Hd], k, v [K, S, Hd] (rows contiguous), out [H, Hd]");
+    } else {
+        long H = (long)q.shape[0], Hd = (long)q.shape[1], S = (long)k.shape[1];
+        op_t a = {NULL, NULL, (const float *)q.buf, (const float *)k.buf, (const float *)v.buf, (float *)o.buf,
+                  0, Hd, S, H / (long)k.shape[0], (long)(k.strides[0] / 4), (long)(v.strides[0] / 4), 0, (float)scale};
+        Py_BEGIN_ALLOW_THREADS
+        run_rows(attend_heads, &a, H, S >= 512 ? 1 : H);  /* a long cache: heads shared out among threads */
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&q); PyBuffer_Release(&k); PyBuffer_Release(&v); PyBuffer_Release(&o);
+    if (PyErr_Occurred()) return NULL;
+    Py_RETURN_NONE;
+#else
+    (void)scale; PyErr_SetString(PyExc_RuntimeError, "_kernels: built without AVX2 kernels"); return NULL;
+#endif
+}
+
 static PyObject *py_supported(PyObject *self, PyObject *args) {
     /* the ggml type ids this build and this CPU can run (empty: use the numba kernels) */
     (void)self; (void)args;
@@ -863,6 +1008,8 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"matvec", py_matvec, METH_VARARGS, "matvec(type, raw, rows, cols, x, out): out[N, rows] = x[N, cols] @ W.T"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(type, raw, rows, cols, out): out[rows, cols] = W"},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x, w, eps, out): out = x / sqrt(mean(x^2) + eps) * w, per row"},
+    {"attend", py_attend, METH_VARARGS, "attend(q, k, v, scale, out): one query per head against the S positions of k and v"},
     {"supported", py_supported, METH_NOARGS, "the ggml type ids these kernels run on this CPU"},
     {"set_threads", py_set_threads, METH_VARARGS, "set_threads(n): threads of the kernels (n > 0, before their first call), returns the count"},
     {NULL, NULL, 0, NULL},

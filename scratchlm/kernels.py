@@ -46,6 +46,11 @@ try:  # the C kernels, if they were built and this CPU runs them (SCRATCHLM_KERN
     C_TYPES = frozenset(_c.supported()) if os.environ.get("SCRATCHLM_KERNELS") != "numba" else frozenset()
 except ImportError:
     _c, C_TYPES = None, frozenset()
+# the decode-step ops (RMSNorm, attention of one query over the cache) in C: same condition
+C_OPS = _c if C_TYPES else None
+
+# Up to this many rows, ops.rms_norm uses the C op (a decode step: call overhead is the cost); above, NumPy.
+SMALL_ROWS = 8
 
 
 def round_activations(x: np.ndarray) -> np.ndarray:

@@ -94,10 +94,20 @@ def _tanh_(x):
     return array_namespace(x).tanh(x)
 
 
+def _small_f32(x, w) -> bool:
+    """A few rows of NumPy float32 (a decode step), where kernels.py's C ops replace several NumPy calls."""
+    return (type(x) is np.ndarray and x.dtype == np.float32 and type(w) is np.ndarray and w.dtype == np.float32
+            and x.size <= kernels.SMALL_ROWS * x.shape[-1])
+
+
 # --- normalisation ---------------------------------------------------------------------------
 
 def rms_norm(x, w, eps: float):
     """RMSNorm (Llama): x / sqrt(mean(x^2) + eps) * w, over the last axis."""
+    if kernels.C_OPS is not None and _small_f32(x, w):  # a decode step: one C call instead of 7 NumPy ones
+        out = np.empty(x.shape, np.float32)
+        kernels.C_OPS.rms_norm(np.ascontiguousarray(x), np.ascontiguousarray(w), eps, out)
+        return out
     xp = array_namespace(x)
     ms = xp.vecdot(x, x)[..., None] / x.shape[-1]  # [..., D] -> [..., 1]: mean of squares, one dot per row
     y = x * (1.0 / xp.sqrt(ms + eps))  # [..., D]
@@ -397,6 +407,12 @@ def attention(q, k, v, mask=None, record=None, record_scores: bool = True):
     B, H, T, Hd = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
+    if (T == 1 and B == 1 and mask is None and record is None and kernels.C_OPS is not None
+            and all(type(a) is np.ndarray and a.dtype == np.float32 for a in (q, k, v))):
+        # a decode step: the same softmax(q.k / sqrt(Hd)) @ v in one C call instead of ~12 NumPy ones
+        out = np.empty((H, Hd), np.float32)
+        kernels.C_OPS.attend(np.ascontiguousarray(q.reshape(H, Hd)), k[0], v[0], 1.0 / math.sqrt(Hd), out)
+        return out.reshape(B, H, T, Hd)  # [H,Hd] -> [1,H,1,Hd]
     qg = xp.reshape(q * (1.0 / math.sqrt(Hd)), (B, K, G, T, Hd))  # [B,H,T,Hd] -> [B,K,G,T,Hd], scaled here: Hd < S
     kt = xp.permute_dims(k, (0, 1, 3, 2))[:, :, None]  # [B,K,S,Hd] -> [B,K,1,Hd,S]
     scores = qg @ kt  # [B,K,G,T,Hd] @ [B,K,1,Hd,S] -> [B,K,G,T,S]: (q/sqrt(Hd)) . k, a fresh array

@@ -125,3 +125,23 @@ def test_quantized_matrix_rows_and_concat():
     assert np.array_equal(QuantizedMatrix.concat([w[:4], w[4:]]).dequantize(), wf)
     with pytest.raises(ValueError):
         QuantizedMatrix.concat([w, random_matrix("Q8_0", 2, 512)])
+
+
+@pytest.mark.skipif(kernels.C_OPS is None, reason="the C kernels are not built here")
+def test_decode_ops_match_numpy(monkeypatch):
+    """The C RMSNorm and single-query attention (decode steps) against ops.py's NumPy versions."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 3, 200)).astype(np.float32) * 3
+    w = rng.standard_normal(200).astype(np.float32)
+    fast = ops.rms_norm(x, w, 1e-5)
+    for H, K, S in ((8, 2, 1), (9, 3, 37), (4, 4, 600)):
+        q = rng.standard_normal((1, H, 1, 64)).astype(np.float32)
+        cache = rng.standard_normal((2, 1, K, S + 5, 64)).astype(np.float32)  # k, v of a longer cache: views
+        k, v = cache[0][:, :, :S], cache[1][:, :, :S]
+        got = ops.attention(q, k, v)
+        monkeypatch.setattr(kernels, "C_OPS", None)
+        want = ops.attention(q, k, v)
+        monkeypatch.undo()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(kernels, "C_OPS", None)
+    np.testing.assert_allclose(fast, ops.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
