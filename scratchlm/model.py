@@ -48,6 +48,11 @@ RECORDED = {
 # Query rows per block of ops.causal_attention (training and other whole-sequence forwards).
 ATTENTION_BLOCK = 64
 
+# Packed matrices are fused (copied side by side) only up to this size: fusing saves a kernel call per
+# token (~10 us), which matters for small models; a large model's matrices stay memory-mapped, uncopied,
+# so its resident memory stays the file's size and loading stays instant.
+FUSE_PACKED_BYTES = 16 << 20
+
 # A prompt run through the KV cache goes in chunks of at most this many tokens, fewer when the attention
 # scores of a chunk, [H, chunk, S] float32, would pass PREFILL_SCORES_BYTES: memory stays bounded however
 # long the prompt (the activations are [chunk, F], the scores [H, chunk, S]).
@@ -117,7 +122,8 @@ class Model:
         xp, w = self.xp, self.tensors
         parts = [w[n] for n in names]
         if any(isinstance(p, QuantizedMatrix) for p in parts):
-            if not all(isinstance(p, QuantizedMatrix) and p.ggml_type == parts[0].ggml_type for p in parts):
+            same = all(isinstance(p, QuantizedMatrix) and p.ggml_type == parts[0].ggml_type for p in parts)
+            if not same or sum(p.nbytes for p in parts) > FUSE_PACKED_BYTES:
                 return tuple(parts)
             fused = QuantizedMatrix.concat(parts)
         else:
