@@ -639,6 +639,7 @@ static struct {
     rows_fn fn;
     const void *args;
     long rows, chunk;
+    atomic_int spin;              /* pause rounds a worker spins after this job before it sleeps */
     int n_threads, started;
     pid_t pid;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
@@ -657,7 +658,8 @@ static void *worker(void *unused) {
     for (;;) {
         unsigned long g;
         int spins = 0;
-        while (((g = atomic_load(&pool.gen)) == seen || (g & 1)) && spins < SPIN_ROUNDS) {
+        int spin_rounds = atomic_load(&pool.spin);
+        while (((g = atomic_load(&pool.gen)) == seen || (g & 1)) && spins < spin_rounds) {
             _mm_pause();
             spins++;
         }
@@ -698,8 +700,10 @@ static void start_pool(void) {  /* called with pool.submit held */
     }
 }
 
-/* fn over rows [0, rows), in chunks, by the caller and any worker that joins in */
-static void run_rows(rows_fn fn, const void *a, long rows, long chunk) {
+/* fn over rows [0, rows), in chunks, by the caller and any worker that joins in. spin: whether the workers
+   should spin for the next job (decode steps: the next call comes within microseconds) or sleep at once
+   (a tile dequantized for BLAS: BLAS's own threads need the cores next) */
+static void run_rows(rows_fn fn, const void *a, long rows, long chunk, int spin) {
     if (rows <= 0) return;
     if (pthread_mutex_trylock(&pool.submit) != 0) {  /* another Python thread is using the pool: go alone */
         fn(a, 0, rows);
@@ -717,6 +721,7 @@ static void run_rows(rows_fn fn, const void *a, long rows, long chunk) {
     pool.args = a;
     pool.rows = rows;
     pool.chunk = chunk;
+    atomic_store(&pool.spin, spin ? SPIN_ROUNDS : 0);
     atomic_store(&pool.next, 0);
     atomic_fetch_add(&pool.gen, 1);  /* even: open */
     if (atomic_load(&pool.sleepers)) {
@@ -857,7 +862,7 @@ static PyObject *py_matvec(PyObject *self, PyObject *args) {
                 quantize_x((const float *)x.buf, N, cols, xq, dx, s16);
                 a.xq = xq; a.dx = dx; a.s16 = s16;
             }
-            run_rows(mv, &a, rows, chunk_rows(row_bytes));
+            run_rows(mv, &a, rows, chunk_rows(row_bytes), 1);
             Py_END_ALLOW_THREADS
             PyMem_RawFree(tmp);
         }
@@ -893,7 +898,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     } else {
         args_t a = {(const uint8_t *)r.buf, rows, row_bytes, cols / 32, 0, NULL, NULL, NULL, NULL, (float *)o.buf};
         Py_BEGIN_ALLOW_THREADS
-        run_rows(dq, &a, rows, chunk_rows(row_bytes));
+        run_rows(dq, &a, rows, chunk_rows(row_bytes), 0);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&r); PyBuffer_Release(&o);
@@ -960,7 +965,7 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
         op_t a = {NULL, NULL, (const float *)q.buf, (const float *)k.buf, (const float *)v.buf, (float *)o.buf,
                   0, Hd, S, H / (long)k.shape[0], (long)(k.strides[0] / 4), (long)(v.strides[0] / 4), 0, (float)scale};
         Py_BEGIN_ALLOW_THREADS
-        run_rows(attend_heads, &a, H, S >= 512 ? 1 : H);  /* a long cache: heads shared out among threads */
+        run_rows(attend_heads, &a, H, S >= 512 ? 1 : H, 1);  /* a long cache: heads shared out among threads */
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&q); PyBuffer_Release(&k); PyBuffer_Release(&v); PyBuffer_Release(&o);
