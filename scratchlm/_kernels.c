@@ -275,20 +275,36 @@ AVX2 float hsum_max(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* --- the integer path of matvec (llama.cpp's method) --------------------------------------------
-   Each row of x is first rounded to 8 bits per 32-weight chunk: x ~ dx * xq, xq int8 (dx = max|x|/127),
-   with the sums of xq over each 16 weights. Then a chunk's dot product is integer work on the raw
-   quant values: `maddubs` multiplies 32 unsigned weight bytes by 32 signed xq and adds pairs (16 x int16),
-   `madd` adds pairs again (8 x int32, lane i = weights 4i..4i+3), and only those 8 sums are converted
-   to float and scaled. Offsets (Q4_0's -8, the mins) come from the sums of xq, once per chunk.
-   About 10 instructions per 32 weights where decoding to floats takes ~35: on two cores the 4-bit types
-   then run at memory bandwidth (benchmarks/NOTES.md). The price is the rounding of x: a relative error
-   of at most 1/254 of max|x| per chunk, the error llama.cpp makes too. */
+/* --- the integer path of matvec ----------------------------------------------------------------------
+   llama.cpp's method, with one change. Each row of x is first written as 8-bit integers per 32-weight
+   chunk, and a chunk's dot product is then integer work on the raw quant values: `maddubs` multiplies 32
+   unsigned weight bytes by 32 signed bytes and adds pairs (16 x int16), `madd` adds pairs again (8 x int32,
+   lane i = weights 4i..4i+3), and only those 8 sums are converted to float and scaled. Offsets (Q4_0's -8,
+   the mins) come from the sums of x over each 16 weights, once per chunk.
 
-typedef struct { const int8_t *q; const float *d; const int32_t *s16; long chunks; } qx_t;
+   The change: llama.cpp rounds x to one 8-bit term per chunk (x ~ d q, d = max|x| / 127 over 32 values),
+   an error of up to 1/254 of the chunk's largest value, and a model's activations have a few large
+   coordinates: on the default model that alone turns greedy "The capital of France is Paris." into
+   "L'Etoile, la Marseillaise, ..." (llama.cpp answers the same). Here x ~ d q1 + (d/254) q2, the second
+   term rounding what the first left, with d per group of 4 values (a lane of the dot products, so the
+   scales cost one vector multiply per chunk): an error of at most 1/64516 of the group's largest value.
+   The logits of the default model then agree with the float32 ones to 2e-4 of their scale (float16-like
+   activations; one-term rounding: 4e-2). It costs one more maddubs/madd per chunk: ~17 instructions per
+   32 weights where decoding to floats takes ~30. A third term (1/16.4M, logits within 3e-6) measured 0.76x
+   the speed of two with 2 threads, so two it is (benchmarks/NOTES.md). */
+
+AVX2 __m256 lanes(const float *dx) { return _mm256_loadu_ps(dx); }  /* a chunk's 8 activation scales */
 
 AVX2 __m256i dot_u8_i8(__m256i u, __m256i s) {  /* 32 u8 x 32 s8 -> 8 int32 lane sums of 4 products */
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* 32 unsigned weight bytes against a chunk of x (q1 at xq, q2 at xq + 32): 254 * (u . q1) + (u . q2), the
+   dot product in units of d/254, as 8 int32 lanes (at most 4 * 63 * 127 * 255: no overflow) */
+AVX2 __m256i dot2(__m256i u, const int8_t *xq) {
+    __m256i p1 = dot_u8_i8(u, _mm256_loadu_si256((const __m256i *)xq));
+    __m256i p2 = dot_u8_i8(u, _mm256_loadu_si256((const __m256i *)(xq + 32)));
+    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(p1, 8), _mm256_slli_epi32(p1, 1)), p2);
 }
 
 AVX2 __m256i nibbles32(__m128i v) {  /* 16 bytes -> 32 bytes: low nibbles (weights 0-15), then high (16-31) */
@@ -308,74 +324,74 @@ AVX2 __m256i q5_bytes(const uint8_t *qh_p, const uint8_t *qs) {  /* Q5: nibbles 
     return _mm256_or_si256(nibbles32(_mm_loadu_si128((const __m128i *)qs)), b);
 }
 
-/* dot_<type>(row, c, xq chunk, dx, xq sums of the chunk's two halves, acc, macc):
+/* dot_<type>(row, c, x chunk (q1 q2), dx = the 8 lanes' d/254, sums of x over the chunk's two halves, acc, macc):
    acc += the chunk's 8 lane sums, scaled (float); macc += its offset terms (scalar) */
 
-AVX2 void dot_q8_0(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+AVX2 void dot_q8_0(const uint8_t *row, long c, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
     const uint8_t *b = row + 34 * c;
-    __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2)), x = _mm256_loadu_si256((const __m256i *)xq);
-    /* signed x signed: |w| (unsigned) times x with w's sign */
-    __m256i p = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(b) * dx), *acc);
-    (void)s16; (void)macc;
+    __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2)), aw = _mm256_sign_epi8(w, w);
+    /* signed x signed: |w| (unsigned) times each term of x with w's sign */
+    __m256i p1 = dot_u8_i8(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xq), w));
+    __m256i p2 = dot_u8_i8(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + 32)), w));
+    __m256i p = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(p1, 8), _mm256_slli_epi32(p1, 1)), p2);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(fp16(b)), lanes(dx)), *acc);
+    (void)xs; (void)macc;
 }
 
-AVX2 void dot_q4_0(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+AVX2 void dot_q4_0(const uint8_t *row, long c, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
     const uint8_t *b = row + 18 * c;  /* d * (q - 8) */
-    __m256i p = dot_u8_i8(nibbles32(_mm_loadu_si128((const __m128i *)(b + 2))), _mm256_loadu_si256((const __m256i *)xq));
-    float d = fp16(b) * dx;
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), *acc);
-    *macc -= 8.0f * d * (float)(s16[0] + s16[1]);
+    __m256i p = dot2(nibbles32(_mm_loadu_si128((const __m128i *)(b + 2))), xq);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(fp16(b)), lanes(dx)), *acc);
+    *macc -= 8.0f * fp16(b) * (xs[0] + xs[1]);
 }
 
-AVX2 void dot_q4_1(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+AVX2 void dot_q4_1(const uint8_t *row, long c, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
     const uint8_t *b = row + 20 * c;  /* d * q + m */
-    __m256i p = dot_u8_i8(nibbles32(_mm_loadu_si128((const __m128i *)(b + 4))), _mm256_loadu_si256((const __m256i *)xq));
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(b) * dx), *acc);
-    *macc += fp16(b + 2) * dx * (float)(s16[0] + s16[1]);
+    __m256i p = dot2(nibbles32(_mm_loadu_si128((const __m128i *)(b + 4))), xq);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(fp16(b)), lanes(dx)), *acc);
+    *macc += fp16(b + 2) * (xs[0] + xs[1]);
 }
 
-AVX2 void dot_q5_0(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+AVX2 void dot_q5_0(const uint8_t *row, long c, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
     const uint8_t *b = row + 22 * c;  /* d * (q - 16) */
-    __m256i p = dot_u8_i8(q5_bytes(b + 2, b + 6), _mm256_loadu_si256((const __m256i *)xq));
-    float d = fp16(b) * dx;
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), *acc);
-    *macc -= 16.0f * d * (float)(s16[0] + s16[1]);
+    __m256i p = dot2(q5_bytes(b + 2, b + 6), xq);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(fp16(b)), lanes(dx)), *acc);
+    *macc -= 16.0f * fp16(b) * (xs[0] + xs[1]);
 }
 
-AVX2 void dot_q5_1(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+AVX2 void dot_q5_1(const uint8_t *row, long c, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
     const uint8_t *b = row + 24 * c;  /* d * q + m */
-    __m256i p = dot_u8_i8(q5_bytes(b + 4, b + 8), _mm256_loadu_si256((const __m256i *)xq));
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(b) * dx), *acc);
-    *macc += fp16(b + 2) * dx * (float)(s16[0] + s16[1]);
+    __m256i p = dot2(q5_bytes(b + 4, b + 8), xq);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(fp16(b)), lanes(dx)), *acc);
+    *macc += fp16(b + 2) * (xs[0] + xs[1]);
 }
 
 AVX2 __m256 halves(float a, float b) {  /* lanes 0-3 = a (weights 0-15), lanes 4-7 = b (16-31) */
     return _mm256_setr_ps(a, a, a, a, b, b, b, b);
 }
 
-AVX2 void dot_q2_k(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+AVX2 void dot_q2_k(const uint8_t *row, long c, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
     const uint8_t *b = row + 84 * (c >> 3);  /* (d*sc) * q - (dmin*mn), scale and min per 16 */
     int cc = (int)(c & 7), h = cc >> 2, k = cc & 3, s = 8 * h + 2 * k;
     __m256i q = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(b + 16 + 32 * h)), 2 * k),
                                  _mm256_set1_epi8(3));
-    __m256i p = dot_u8_i8(q, _mm256_loadu_si256((const __m256i *)xq));
-    float d = fp16(b + 80) * dx, dmin = fp16(b + 82) * dx;
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), halves(d * (float)(b[s] & 15), d * (float)(b[s + 1] & 15)), *acc);
-    *macc -= dmin * ((float)(b[s] >> 4) * (float)s16[0] + (float)(b[s + 1] >> 4) * (float)s16[1]);
+    __m256i p = dot2(q, xq);
+    float d = fp16(b + 80), dmin = fp16(b + 82);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(halves(d * (float)(b[s] & 15), d * (float)(b[s + 1] & 15)), lanes(dx)), *acc);
+    *macc -= dmin * ((float)(b[s] >> 4) * xs[0] + (float)(b[s + 1] >> 4) * xs[1]);
 }
 
-AVX2 void dot_q3_k(const uint8_t *row, long c, const int8_t *xq, float dx, const int32_t *s16, __m256 *acc, float *macc) {
+AVX2 void dot_q3_k(const uint8_t *row, long c, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
     const uint8_t *b = row + 110 * (c >> 3);  /* (d*(sc-32)) * (q' - 4), q' = low 2 bits + 4 * hmask bit */
     int cc = (int)(c & 7), h = cc >> 2, k = cc & 3, s = 8 * h + 2 * k;
     __m256i q = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i *)(b + 32 + 32 * h)), 2 * k),
                                  _mm256_set1_epi8(3));
     __m256i hm = _mm256_loadu_si256((const __m256i *)b), bit = _mm256_set1_epi8((char)(1 << (4 * h + k)));
     q = _mm256_or_si256(q, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), _mm256_set1_epi8(4)));
-    __m256i p = dot_u8_i8(q, _mm256_loadu_si256((const __m256i *)xq));
-    float d = fp16(b + 108) * dx, a0 = d * (float)scale_k3(b + 96, s), a1 = d * (float)scale_k3(b + 96, s + 1);
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), halves(a0, a1), *acc);
-    *macc -= 4.0f * (a0 * (float)s16[0] + a1 * (float)s16[1]);
+    __m256i p = dot2(q, xq);
+    float d = fp16(b + 108), a0 = d * (float)scale_k3(b + 96, s), a1 = d * (float)scale_k3(b + 96, s + 1);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(halves(a0, a1), lanes(dx)), *acc);
+    *macc -= 4.0f * (a0 * xs[0] + a1 * xs[1]);
 }
 
 /* Super-block dots of the k-quants (256 weights = 8 chunks): the scales are unpacked once per super-block
@@ -384,7 +400,7 @@ AVX2 void dot_q3_k(const uint8_t *row, long c, const int8_t *xq, float dx, const
 
 AVX2 __m256 chunk_scale(float a) { return _mm256_set1_ps(a); }
 
-AVX2 void sb_q4_k(const uint8_t *b, const int8_t *xq, const float *dx, const int32_t *s16, __m256 *acc, float *macc) {
+AVX2 void sb_q4_k(const uint8_t *b, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
     float d = fp16(b), dmin = fp16(b + 2), m = 0.0f;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int i = 0; i < 4; i++) {  /* bytes 32i..32i+31: sub-block 2i (low nibbles), 2i+1 (high) */
@@ -392,17 +408,16 @@ AVX2 void sb_q4_k(const uint8_t *b, const int8_t *xq, const float *dx, const int
         scale_min_k4(b + 4, 2 * i, &sc0, &mn0);
         scale_min_k4(b + 4, 2 * i + 1, &sc1, &mn1);
         __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * i));
-        __m256i p0 = dot_u8_i8(_mm256_and_si256(v, low4), _mm256_loadu_si256((const __m256i *)(xq + 64 * i)));
-        __m256i p1 = dot_u8_i8(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), _mm256_loadu_si256((const __m256i *)(xq + 64 * i + 32)));
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), chunk_scale(d * (float)sc0 * dx[2 * i]), *acc);
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), chunk_scale(d * (float)sc1 * dx[2 * i + 1]), *acc);
-        m += (float)mn0 * dx[2 * i] * (float)(s16[4 * i] + s16[4 * i + 1])
-           + (float)mn1 * dx[2 * i + 1] * (float)(s16[4 * i + 2] + s16[4 * i + 3]);
+        __m256i p0 = dot2(_mm256_and_si256(v, low4), xq + 128 * i);
+        __m256i p1 = dot2(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), xq + 128 * i + 64);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(chunk_scale(d * (float)sc0), lanes(dx + 16 * i)), *acc);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(chunk_scale(d * (float)sc1), lanes(dx + 16 * i + 8)), *acc);
+        m += (float)mn0 * (xs[4 * i] + xs[4 * i + 1]) + (float)mn1 * (xs[4 * i + 2] + xs[4 * i + 3]);
     }
     *macc -= dmin * m;
 }
 
-AVX2 void sb_q5_k(const uint8_t *b, const int8_t *xq, const float *dx, const int32_t *s16, __m256 *acc, float *macc) {
+AVX2 void sb_q5_k(const uint8_t *b, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
     float d = fp16(b), dmin = fp16(b + 2), m = 0.0f;
     const __m256i low4 = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(16);
     __m256i h = _mm256_loadu_si256((const __m256i *)(b + 16));  /* bit j of byte l: 5th bit, sub-block j */
@@ -416,17 +431,16 @@ AVX2 void sb_q5_k(const uint8_t *b, const int8_t *xq, const float *dx, const int
                                      _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, b0), b0), sixteen));
         __m256i q1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
                                      _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, b1), b1), sixteen));
-        __m256i p0 = dot_u8_i8(q0, _mm256_loadu_si256((const __m256i *)(xq + 64 * i)));
-        __m256i p1 = dot_u8_i8(q1, _mm256_loadu_si256((const __m256i *)(xq + 64 * i + 32)));
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), chunk_scale(d * (float)sc0 * dx[2 * i]), *acc);
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), chunk_scale(d * (float)sc1 * dx[2 * i + 1]), *acc);
-        m += (float)mn0 * dx[2 * i] * (float)(s16[4 * i] + s16[4 * i + 1])
-           + (float)mn1 * dx[2 * i + 1] * (float)(s16[4 * i + 2] + s16[4 * i + 3]);
+        __m256i p0 = dot2(q0, xq + 128 * i);
+        __m256i p1 = dot2(q1, xq + 128 * i + 64);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(chunk_scale(d * (float)sc0), lanes(dx + 16 * i)), *acc);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(chunk_scale(d * (float)sc1), lanes(dx + 16 * i + 8)), *acc);
+        m += (float)mn0 * (xs[4 * i] + xs[4 * i + 1]) + (float)mn1 * (xs[4 * i + 2] + xs[4 * i + 3]);
     }
     *macc -= dmin * m;
 }
 
-AVX2 void sb_q6_k(const uint8_t *b, const int8_t *xq, const float *dx, const int32_t *s16, __m256 *acc, float *macc) {
+AVX2 void sb_q6_k(const uint8_t *b, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
     float d = fp16(b + 208), m = 0.0f;
     const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
     for (int h = 0; h < 2; h++) {
@@ -438,44 +452,60 @@ AVX2 void sb_q6_k(const uint8_t *b, const int8_t *xq, const float *dx, const int
         for (int k = 0; k < 4; k++) {
             int c = 4 * h + k, s = 8 * h + 2 * k;
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three);
-            __m256i p = dot_u8_i8(_mm256_or_si256(lo[k], _mm256_slli_epi16(hi, 4)), _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
-            float a0 = d * dx[c] * (float)(int8_t)b[192 + s], a1 = d * dx[c] * (float)(int8_t)b[193 + s];
-            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), halves(a0, a1), *acc);
-            m += a0 * (float)s16[2 * c] + a1 * (float)s16[2 * c + 1];
+            __m256i p = dot2(_mm256_or_si256(lo[k], _mm256_slli_epi16(hi, 4)), xq + 64 * c);
+            float a0 = d * (float)(int8_t)b[192 + s], a1 = d * (float)(int8_t)b[193 + s];
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(halves(a0, a1), lanes(dx + 8 * c)), *acc);
+            m += a0 * xs[2 * c] + a1 * xs[2 * c + 1];
         }
     }
     *macc -= 32.0f * m;
 }
 
-/* x [N, C] float32 -> xq int8 [N, C], dx [N, C/32], sums of xq per 16 [N, C/16] (round to nearest even) */
-AVX2 void quantize_x(const float *x, long N, long C, int8_t *xq, float *dx, int32_t *s16) {
+/* the largest |v| of each group of 4 lanes (0-3, 4-7), in every lane of its group */
+AVX2 __m256 max4(__m256 v) {
+    v = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+    v = _mm256_max_ps(v, _mm256_permute_ps(v, 0xB1));  /* swap neighbours */
+    return _mm256_max_ps(v, _mm256_permute_ps(v, 0x4E));  /* swap pairs */
+}
+
+/* x [N, C] float32 -> per 32-value chunk: xq = q1[32] q2[32] (int8); per group of 4 values (a lane of the
+   dot products) d = max|x| / 127 over the group, q1 = round(x / d), q2 = round((x - d q1) / (d / 254)),
+   rounding half to even, and dx = d / 254 (8 per chunk); the sums of x over each 16 (float).
+   kernels.round_activations is the same in NumPy. */
+AVX2 void quantize_x(const float *x, long N, long C, int8_t *xq, float *dx, float *xs) {
+    const __m256 c127 = _mm256_set1_ps(127.0f), c254 = _mm256_set1_ps(254.0f), zero = _mm256_setzero_ps();
     for (long i = 0; i < N * C / 32; i++) {
         const float *xc = x + 32 * i;
-        __m256 v[4], m = _mm256_setzero_ps();
-        const __m256 sign = _mm256_set1_ps(-0.0f);
+        int32_t t1[32], t2[32];
+        __m256 v[4];
         for (int k = 0; k < 4; k++) {
             v[k] = _mm256_loadu_ps(xc + 8 * k);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+            __m256 d = _mm256_div_ps(max4(v[k]), c127), d2 = _mm256_div_ps(d, c254);
+            __m256 nz = _mm256_cmp_ps(d, zero, _CMP_GT_OQ), nz2 = _mm256_cmp_ps(d2, zero, _CMP_GT_OQ);
+            __m256 id = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), d), nz);
+            __m256 id2 = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), d2), nz2);
+            __m256 q1 = _mm256_round_ps(_mm256_mul_ps(v[k], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256 r = _mm256_sub_ps(v[k], _mm256_mul_ps(q1, d));  /* what q1 leaves */
+            _mm256_storeu_si256((__m256i *)(t1 + 8 * k), _mm256_cvtps_epi32(q1));
+            _mm256_storeu_si256((__m256i *)(t2 + 8 * k), _mm256_cvtps_epi32(_mm256_mul_ps(r, id2)));
+            float dl[8];
+            _mm256_storeu_ps(dl, d2);
+            dx[8 * i + 2 * k] = dl[0];      /* lanes of the dot products: weights 4l..4l+3 -> group l */
+            dx[8 * i + 2 * k + 1] = dl[4];
         }
-        float amax = hsum_max(m), d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-        dx[i] = d;
-        __m256 vid = _mm256_set1_ps(id);
-        __m256i q[4];
-        for (int k = 0; k < 4; k++) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], vid));
-        int32_t t[32];
-        for (int k = 0; k < 4; k++) _mm256_storeu_si256((__m256i *)(t + 8 * k), q[k]);
-        int32_t a = 0, b = 0;
-        for (int k = 0; k < 16; k++) { xq[32 * i + k] = (int8_t)t[k]; a += t[k]; }
-        for (int k = 16; k < 32; k++) { xq[32 * i + k] = (int8_t)t[k]; b += t[k]; }
-        s16[2 * i] = a;
-        s16[2 * i + 1] = b;
+        for (int k = 0; k < 32; k++) {
+            xq[64 * i + k] = (int8_t)t1[k];
+            xq[64 * i + 32 + k] = (int8_t)(t2[k] > 127 ? 127 : t2[k] < -127 ? -127 : t2[k]);
+        }
+        xs[2 * i] = hsum(_mm256_add_ps(v[0], v[1]));
+        xs[2 * i + 1] = hsum(_mm256_add_ps(v[2], v[3]));
     }
 }
 
 /* --- the kernels, one copy per type -----------------------------------------------------------------
    Each runs on a range of weight rows [lo, hi), so that the pool below can share rows among threads.
    matvec (F16, BF16):  out[n*R + r] = W[r] . x[n] for n < N (N <= 8), x float32 [N, C].
-   matvec8 (blocks):    the same from x rounded to 8 bits (xq, dx, s16; see quantize_x).
+   matvec8 (blocks):    the same from x as two 8-bit terms (xq, dx, xs; see quantize_x).
    dequant:             out[r*C .. r*C+C) = W[r]. */
 
 typedef struct {
@@ -484,7 +514,7 @@ typedef struct {
     const float *x;    /* matvec */
     const int8_t *xq;  /* matvec8 */
     const float *dx;
-    const int32_t *s16;
+    const float *xs;
     float *out;
 } args_t;
 
@@ -536,10 +566,10 @@ typedef void (*rows_fn)(const void *, long, long);  /* work on rows [lo, hi) of 
             for (long n = 0; n < a->N; n++) {                                                               \
                 __m256 acc = _mm256_setzero_ps();                                                           \
                 float macc = 0.0f;                                                                          \
-                const int8_t *q = a->xq + n * C;                                                            \
-                const float *d = a->dx + n * a->chunks;                                                     \
-                const int32_t *s = a->s16 + 2 * n * a->chunks;                                              \
-                for (long c = 0; c < a->chunks; c++) dot_##T(row, c, q + 32 * c, d[c], s + 2 * c, &acc, &macc); \
+                const int8_t *q = a->xq + 2 * n * C;                                                            \
+                const float *d = a->dx + 8 * n * a->chunks;                                                     \
+                const float *s = a->xs + 2 * n * a->chunks;                                              \
+                for (long c = 0; c < a->chunks; c++) dot_##T(row, c, q + 64 * c, d + 8 * c, s + 2 * c, &acc, &macc); \
                 a->out[n * a->rows + r] = hsum(acc) + macc;                                                 \
             }                                                                                               \
         }                                                                                                   \
@@ -554,11 +584,11 @@ typedef void (*rows_fn)(const void *, long, long);  /* work on rows [lo, hi) of 
             for (long n = 0; n < a->N; n++) {                                                               \
                 __m256 acc = _mm256_setzero_ps();                                                           \
                 float macc = 0.0f;                                                                          \
-                const int8_t *q = a->xq + n * C;                                                            \
-                const float *d = a->dx + n * a->chunks;                                                     \
-                const int32_t *s = a->s16 + 2 * n * a->chunks;                                              \
+                const int8_t *q = a->xq + 2 * n * C;                                                            \
+                const float *d = a->dx + 8 * n * a->chunks;                                                     \
+                const float *s = a->xs + 2 * n * a->chunks;                                              \
                 for (long i = 0; i < nsb; i++)                                                              \
-                    sb_##T(row + BYTES * i, q + 256 * i, d + 8 * i, s + 16 * i, &acc, &macc);               \
+                    sb_##T(row + BYTES * i, q + 512 * i, d + 64 * i, s + 16 * i, &acc, &macc);               \
                 a->out[n * a->rows + r] = hsum(acc) + macc;                                                 \
             }                                                                                               \
         }                                                                                                   \
@@ -850,17 +880,17 @@ static PyObject *py_matvec(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "_kernels.matvec: buffer sizes do not match the shapes");
     } else {
         args_t a = {(const uint8_t *)r.buf, rows, row_bytes, chunks, N, (const float *)x.buf, NULL, NULL, NULL, (float *)o.buf};
-        void *tmp = integer ? PyMem_RawMalloc((size_t)(N * cols + N * chunks * 4 + N * chunks * 8)) : NULL;
+        void *tmp = integer ? PyMem_RawMalloc((size_t)(2 * N * cols + N * chunks * 32 + N * chunks * 8)) : NULL;
         if (integer && !tmp) {
             PyErr_NoMemory();
         } else {
             Py_BEGIN_ALLOW_THREADS
-            if (integer) {  /* block types: x rounded to 8 bits, integer dot products */
+            if (integer) {  /* block types: x as two 8-bit terms, integer dot products */
                 int8_t *xq = (int8_t *)tmp;
-                float *dx = (float *)(xq + N * cols);
-                int32_t *s16 = (int32_t *)(dx + N * chunks);
-                quantize_x((const float *)x.buf, N, cols, xq, dx, s16);
-                a.xq = xq; a.dx = dx; a.s16 = s16;
+                float *dx = (float *)(xq + 2 * N * cols);
+                float *xs = dx + 8 * N * chunks;
+                quantize_x((const float *)x.buf, N, cols, xq, dx, xs);
+                a.xq = xq; a.dx = dx; a.xs = xs;
             }
             run_rows(mv, &a, rows, chunk_rows(row_bytes), 1);
             Py_END_ALLOW_THREADS
