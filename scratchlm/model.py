@@ -266,9 +266,9 @@ class Model:
                 rec("rope.sin", sin)
         # a single new token sees every cached position: no mask needed
         mask = None if T == 1 else xp.asarray(ops.causal_mask(T, S))  # [T,S]
-        # a whole sequence from position 0 (training, evaluation) skips the masked future block by block,
-        # unless a recorder wants the full [T, S] scores and probabilities (explain)
-        blocked = cache is None and start_pos == 0 and T > self.attention_block and (rec is None or not keep_scores)
+        # a whole sequence from position 0 (training, evaluation, a prompt's first chunk) skips the masked
+        # future block by block, unless a recorder wants the full [T, S] scores and probabilities (explain)
+        blocked = start_pos == 0 and T > self.attention_block and (rec is None or not keep_scores)
         if rec is not None and mask is not None:
             rec("mask", mask)
 
