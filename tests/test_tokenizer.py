@@ -6,6 +6,7 @@ Every comparison is on exact ids. The reference objects are module-scoped: loadi
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import re
 import struct
@@ -13,11 +14,12 @@ import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import regex
 
 from scratchlm.errors import FormatError, ModelNotFoundError, TokenizerError, UnsupportedError
-from scratchlm.tokenizer import bpe_merge, load_tokenizer, tokenizer_from_gguf_metadata
+from scratchlm.tokenizer import Tokenizer, bpe_merge, load_tokenizer, tokenizer_from_gguf_metadata
 from scratchlm.tokenizer.pretokenize import (
     DIGIT_PATTERN,
     FAST_PATHS,
@@ -380,12 +382,78 @@ def test_missing_paths(tmp_path):
     (b"QQ== 0 extra\n", "expected 'base64-token rank'"),
     (base64.b64encode(b"A") + b" 5\n", "ranks are not"),
     (b"", "empty"),
+    (b"QQ== 0\nQQ== 1\n", "listed twice"),
+    (b"Q 0\n", "bad base64"),
+    (b"QQ== 9999999\n", "out of range"),
 ])
 def test_garbage_tiktoken_files(tmp_path, content, match):
     p = tmp_path / "tokenizer.model"
     p.write_bytes(content)
     with pytest.raises(FormatError, match=match):
         load_tokenizer(p)
+
+
+@pytest.mark.parametrize("content", [
+    b"QQ== 0\nQg== 1\n", b"QQ== 0\r\nQg== 1\r\n\r\n", b"  QQ==\t0  \n\nQg==   1", b"QR== 0\n", b"QQ== +0\n",
+    b"QQ== 0\x0cQg== 1\n", b"QQ== 0\rQg== 1\n", b"QQ==\n0 Qg==\n1\n", b"QQ== 0 Qg== 1\n", b"QQ== 00\n",
+])
+def test_tiktoken_fast_reader_equals_line_reader(content):
+    # The C-level reader either gives what the line-by-line reader gives or declines (None).
+    from scratchlm.tokenizer.readers import _tiktoken_ranks_by_line, _tiktoken_ranks_fast
+
+    fast = _tiktoken_ranks_fast(content)
+    try:
+        slow = _tiktoken_ranks_by_line(content, "t")
+    except FormatError:
+        slow = None
+    assert fast is None or fast == slow
+
+
+def test_fast_readers_on_the_real_files(llama3_tokenizer_path, default_model_path):
+    from scratchlm.formats.gguf import read_gguf
+    from scratchlm.tokenizer.readers import (
+        _byte_level_decode_all,
+        _parse_merges_fast,
+        _parse_merges_one_by_one,
+        _tiktoken_ranks_by_line,
+        _tiktoken_ranks_fast,
+    )
+
+    data = Path(llama3_tokenizer_path).read_bytes()
+    assert _tiktoken_ranks_fast(data) == _tiktoken_ranks_by_line(data, "t")
+    md = dict(read_gguf(default_model_path).metadata)
+    texts = list(md["tokenizer.ggml.tokens"]) + ["<|x|>", "a b", "中", "Ġ", "\x00", "", "ĠĠ\n"]
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+    def reference(t):  # the byte-level alphabet back to bytes; other texts are UTF-8
+        return bytes(byte_of[c] for c in t) if all(c in byte_of for c in t) else t.encode("utf-8")
+
+    assert _byte_level_decode_all(texts) == [reference(t) for t in texts]
+    assert _byte_level_decode_all(texts[:-7]) == [reference(t) for t in texts[:-7]]  # the bulk path
+    bytes_of_text = dict(zip(texts, map(reference, texts)))
+    merges = list(md["tokenizer.ggml.merges"])
+    assert _parse_merges_fast(merges, bytes_of_text) == _parse_merges_one_by_one(merges, bytes_of_text, "m")
+    as_lists = [m.split(" ") for m in merges]
+    assert _parse_merges_fast(as_lists, bytes_of_text) == _parse_merges_one_by_one(merges, bytes_of_text, "m")
+    for bad in (["Ġ t", "a"], ["Ġ t", "a b c"], ["Ġ t", 5], [["a", "b", "c"]], ["zzzq t"]):
+        assert _parse_merges_fast(bad, bytes_of_text) is None
+
+
+def test_loading_pauses_the_collector_and_restores_it(llama3_tokenizer_path):
+    import gc
+
+    assert gc.isenabled()
+    load_tokenizer(llama3_tokenizer_path)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load_tokenizer(llama3_tokenizer_path)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(FormatError):  # restored on errors too
+        tokenizer_from_gguf_metadata({"tokenizer.ggml.model": "gpt2"}, "x.gguf")
+    assert gc.isenabled()
 
 
 def test_sentencepiece_model_is_unsupported(tmp_path):
@@ -578,3 +646,168 @@ def test_hypothesis_gpt2_style_equals_tokenizers_and_roundtrips(gpt2_style, text
     ids = ours_t.encode(text)
     assert ids == ref.encode(text).ids
     assert ours_t.decode(ids) == text
+
+
+# ---- the compiled encoder (compiled.py) against the Python path and the references ---------------------
+
+compiled = pytest.importorskip("scratchlm.tokenizer.compiled")
+
+_KERNEL_PATTERNS = [([LLAMA3_PATTERN], compiled.LLAMA3), ([GPT2_PATTERN], compiled.GPT2),
+                    ([DIGIT_PATTERN, GPT2_PATTERN], compiled.SMOLLM)]
+
+
+def _compiled_split(kind: int, text: str) -> list[str]:
+    data = text.encode("utf-8")
+    arr = np.frombuffer(data, np.uint8)
+    ends = compiled.split_ends(kind, arr, compiled.classes_for(arr, text.isascii())).tolist()
+    return [data[a:b].decode("utf-8") for a, b in zip([0] + ends, ends)]
+
+
+def _forced(tok, min_chars: int | None = 0, **kw):
+    """A copy of `tok` that takes the compiled path for every text (min_chars=0) or never (None);
+    keyword arguments go to `compiled_encoder` (cache_entries)."""
+    c = copy.copy(tok)
+    c._cache = {}
+    c.compiled_min_chars = min_chars
+    c._compiled = None
+    if kw:
+        c._compiled = compiled.compiled_encoder(c.pre_tokenizer.kernel_kind, c._tokens, c._encoder,
+                                                c._ranks if c._pair_keys else None, c.ignore_merges, **kw)
+    return c
+
+
+@pytest.fixture(scope="module")
+def ours_c(ours):
+    return _forced(ours)
+
+
+@pytest.fixture(scope="module")
+def smol_c(smol):
+    return _forced(smol)
+
+
+def test_kernel_kinds_are_known_patterns():
+    assert PreTokenizer([LLAMA3_PATTERN]).kernel_kind == compiled.LLAMA3
+    assert PreTokenizer([GPT2_PATTERN]).kernel_kind == compiled.GPT2
+    assert PreTokenizer([DIGIT_PATTERN, GPT2_PATTERN]).kernel_kind == compiled.SMOLLM
+    assert PreTokenizer([GPT2_PATTERN], prefix_space=[True]).kernel_kind is None
+    assert PreTokenizer([r"\w+|\W"]).kernel_kind is None
+
+
+def test_char_classes_are_regex_classes():
+    full = compiled.char_classes(0x110000)
+    assert (compiled.char_classes(0x10000) == full[:0x10000]).all()
+    assert (compiled.char_classes(128) == full[:128]).all()
+    rng = np.random.default_rng(0)
+    cps = [c for c in rng.integers(0, 0x110000, 3000).tolist() if not 0xD800 <= c < 0xE000]
+    for cp in cps + [0, 9, 10, 13, 32, 39, 0x85, 0xA0, 0x17F, 0x212A, 0x3000, 0x1F44D, 0x20000]:
+        ch = chr(cp)
+        bits = ((compiled.LETTER if regex.match(r"\p{L}", ch) else 0)
+                | (compiled.NUMBER if regex.match(r"\p{N}", ch) else 0)
+                | (compiled.SPACE if regex.match(r"\s", ch) else 0))
+        assert full[cp] & 7 == bits, hex(cp)
+    assert full[ord("\u017f")] >> 3 == full[ord("s")] >> 3 == full[ord("S")] >> 3 == 1  # "ſ" folds to "s"
+    # The kernel's shared table: the BMP at once, other planes as texts bring their characters.
+    text = "a\U0001F44D\U00020000\U0001D7D8\U000E0041 x\u00e9"
+    table = compiled.classes_for(np.frombuffer(text.encode("utf-8"), np.uint8), False)
+    assert (table[:0x10000] == full[:0x10000]).all()
+    assert all(table[ord(ch)] == full[ord(ch)] for ch in text)
+
+
+_KERNEL_ALPHABET = st.sampled_from(list("aAsStTmMdDlLvVrReE'’ 0123456789.,;!?-_()\"#\t\n\r\x0b\x0c\x85\x1c"
+                                        "\u00a0\u2003\u3000\u017f中文éß١²½👍🏽\U00020000"))
+_KERNEL_TEXT = st.one_of(st.text(), st.text(_KERNEL_ALPHABET, max_size=120))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_KERNEL_TEXT)
+def test_hypothesis_compiled_split_equals_regex(text):
+    for patterns, kind in _KERNEL_PATTERNS:
+        assert _compiled_split(kind, text) == PreTokenizer(patterns).split_sequential(text), (kind, text)
+
+
+def test_compiled_split_on_the_corpus():
+    for patterns, kind in _KERNEL_PATTERNS:
+        assert _compiled_split(kind, BIG_TEXT) == PreTokenizer(patterns).split_sequential(BIG_TEXT), kind
+
+
+def test_compiled_encode_on_the_corpus(ours_c, tt, smol_c, smol_true):
+    assert ours_c.encode(BIG_TEXT) == tt.encode(BIG_TEXT, disallowed_special=())
+    assert ours_c._compiled  # the kernel ran, not the Python path
+    assert ours_c.encode(SPECIAL_TEXT, allowed_special="all") == tt.encode(SPECIAL_TEXT, allowed_special="all")
+    assert smol_c.encode(BIG_TEXT, allowed_special="all") == smol_true.encode(BIG_TEXT, add_special_tokens=False).ids
+    assert smol_c._compiled
+
+
+@settings(max_examples=300, deadline=None)
+@given(_KERNEL_TEXT)
+def test_hypothesis_compiled_llama3_equals_tiktoken(ours_c, tt, text):
+    assert ours_c.encode(text) == tt.encode(text, disallowed_special=())
+
+
+@settings(max_examples=300, deadline=None)
+@given(_KERNEL_TEXT)
+def test_hypothesis_compiled_smollm_equals_hf(smol_c, smol_true, text):
+    assert smol_c.encode(text) == smol_true.encode(text, add_special_tokens=False).ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(_KERNEL_TEXT)
+def test_hypothesis_compiled_gpt2_style_equals_tokenizers(gpt2_style, text):
+    ours_t, ref = gpt2_style
+    assert _forced(ours_t).encode(text) == ref.encode(text).ids
+
+
+def test_compiled_merge_lists_with_whole_tokens(llama3_dir, tt):
+    # Merge-list BPE on Llama 3's vocabulary: its tokenizer.json (every piece merged) and GGUF (whole-token
+    # pieces first, ignore_merges, as llama.cpp does).
+    json_tok = load_tokenizer(llama3_dir / "tokenizer.json")
+    gguf_tok = tokenizer_from_gguf_metadata(_llama3_gguf_metadata(llama3_dir), "llama3.gguf")
+    for tok, whole in ((json_tok, False), (gguf_tok, True)):
+        c = _forced(tok)
+        assert c.encode(BIG_TEXT) == tt.encode(BIG_TEXT, disallowed_special=())
+        assert c._compiled and c._compiled.whole_tokens == whole and len(c._compiled.pairs[0]) > 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["ab", " x", "a" * 300, " " * 257, "\n" * 3, "中" * 90, "'s", "١٢٣", "DRAW"]),
+                max_size=12).map("".join))
+def test_hypothesis_compiled_long_pieces_and_a_tiny_cache(ours, smol, tt, smol_true, text):
+    # Pieces over LONG_PIECE bytes go back to Python's heap merge; a 3-entry cache empties itself often.
+    assert _forced(ours, cache_entries=3).encode(text) == tt.encode(text, disallowed_special=())
+    assert _forced(smol, cache_entries=3).encode(text) == smol_true.encode(text, add_special_tokens=False).ids
+
+
+def test_compiled_drops_bytes_without_a_token_like_hf(smol_c, hf_smol):
+    for text in ["a\x04b", "\x04", "x\x04\x04y", " \x04", "\x13\x14\x16\x1d"]:
+        assert smol_c.encode(text) == _hf_ids(hf_smol, text)
+
+
+def test_compiled_path_is_chosen_by_length(ours):
+    tok = _forced(ours, min_chars=1000)
+    tok.encode("short " * 10)
+    assert tok._compiled is None  # a short text never builds the tables (nor imports numba)
+    tok.encode("long " * 300)
+    assert tok._compiled
+    off = _forced(ours, min_chars=None)
+    off.encode("long " * 300)
+    assert off._compiled is None
+
+
+def test_odd_vocabularies_stay_on_the_python_path():
+    # A tiktoken-style vocabulary without every byte, and a merge list whose result is not a token.
+    pre = PreTokenizer([LLAMA3_PATTERN])
+    no_bytes = Tokenizer(tokens=[b"a", b"b", b"ab"], special_tokens={}, pre_tokenizer=pre)
+    no_bytes.compiled_min_chars = 0
+    assert no_bytes.encode("ab abc") == no_bytes.encode_ordinary("ab abc")
+    assert no_bytes._compiled is False
+    tokens = [bytes([b]) for b in range(256)]
+    odd = Tokenizer(tokens=tokens + [b"ab"], special_tokens={"<s>": 257}, pre_tokenizer=pre,
+                    merges=[(b"a", b"b"), (b"ab", b"<s>")])
+    odd.compiled_min_chars = 0
+    assert odd.encode("abab") == [256, 256]
+    assert odd._compiled is False
+    plain = Tokenizer(tokens=tokens + [b"ab"], special_tokens={}, pre_tokenizer=pre, merges=[(b"a", b"b")])
+    plain.compiled_min_chars = 0
+    assert plain.encode("abab xab") == [256, 256, ord(" "), ord("x"), 256]
+    assert plain._compiled

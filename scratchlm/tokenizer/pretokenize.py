@@ -61,6 +61,10 @@ FAST_PATHS: dict[str, tuple[str, str]] = {
     SMOLLM_FUSED: (SMOLLM_ASCII, r"\S(?=\s)"),
 }
 
+# The patterns compiled.py has as code (`_llama3_end`, `_gpt2_end`), by the kind number it uses.
+KERNEL_LLAMA3, KERNEL_GPT2, KERNEL_SMOLLM = 0, 1, 2
+KERNEL_KINDS: dict[str, int] = {LLAMA3_PATTERN: KERNEL_LLAMA3, GPT2_PATTERN: KERNEL_GPT2, SMOLLM_FUSED: KERNEL_SMOLLM}
+
 # Regex lists per GGUF `tokenizer.ggml.pre` name, as llama.cpp applies them (src/llama-vocab.cpp).
 GGUF_PRE_TOKENIZERS: dict[str, list[str]] = {
     "llama3": [LLAMA3_PATTERN],
@@ -113,6 +117,7 @@ class PreTokenizer:
         self._ascii_findall = re.compile(fast[0]).findall if fast else None
         self._safe_cut = regex.compile(fast[1]) if fast else None
         self.block_chars = 1 << 16  # size of the blocks mixed text is cut into (a knob for tests)
+        self.kernel_kind = KERNEL_KINDS.get(single) if single else None
 
     def split(self, text: str) -> list[str]:
         if self._ascii_findall is not None:
