@@ -112,28 +112,37 @@ def test_chunked_prefill_and_f16_cache(tiny_gguf, monkeypatch):
 
 
 RSS_SCRIPT = r"""
-import json, resource, sys
+import json, sys
+
+
+def peak_rss():
+    # VmHWM: this process's own high-water mark (ru_maxrss would also count the forking parent's pages:
+    # Linux keeps the larger of the two across exec, and a pytest worker holds torch and transformers)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+
+
 import scratchlm
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes: the interpreter and imports
+import scratchlm.kernels  # the kernels (C, or numba): part of the baseline, not of the weights
+base = peak_rss()  # bytes: the interpreter and imports
 model = scratchlm.load(sys.argv[1], dtype=None if sys.argv[2] == "stored" else sys.argv[2])
-import scratchlm.kernels  # numba and the compiled kernels: part of the baseline, not of the weights
-base = max(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 text = model.generate("The capital of France is", max_tokens=8, temperature=0)
 kv = model.new_cache(len(model.tokenizer.encode("The capital of France is")) + 9).nbytes
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"base": base, "peak": peak, "kv": kv}))
+print(json.dumps({"base": base, "peak": peak_rss(), "kv": kv}))
 """
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_generate_rss_stays_near_the_stored_size(default_model_path):
-    """Peak RSS of generating with the default model (85 MB of Q4_1/Q8_0 blocks; 538 MB widened to float32):
+    """Peak RSS of generating with the default model (98 MB of Q4_1/Q8_0 blocks; 538 MB widened to float32):
     at most the stored size + the KV cache + 1 GB, as the issue bounds it, and the growth over the
-    interpreter and its imports under twice the stored size (widening to float32 would add 538 MB)."""
+    interpreter and its imports under the stored size + 256 MB (measured: +167 MB with the C kernels, the
+    mapped file and the fused q/k/v and gate/up copies; widened to float32: +843 MB)."""
     stored = default_model_path.stat().st_size
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(default_model_path), "stored"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["peak"] <= stored + r["kv"] + (1 << 30)
-    assert r["peak"] - r["base"] <= 2 * stored, r
+    assert r["peak"] - r["base"] <= stored + (256 << 20), r
