@@ -301,10 +301,10 @@ AVX2 __m256i dot_u8_i8(__m256i u, __m256i s) {  /* 32 u8 x 32 s8 -> 8 int32 lane
 
 /* 32 unsigned weight bytes against a chunk of x (q1 at xq, q2 at xq + 32): 254 * (u . q1) + (u . q2), the
    dot product in units of d/254, as 8 int32 lanes (at most 4 * 63 * 127 * 255: no overflow) */
-AVX2 __m256i dot2(__m256i u, const int8_t *xq) {
-    __m256i p1 = dot_u8_i8(u, _mm256_loadu_si256((const __m256i *)xq));
-    __m256i p2 = dot_u8_i8(u, _mm256_loadu_si256((const __m256i *)(xq + 32)));
-    return _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(p1, 8), _mm256_slli_epi32(p1, 1)), p2);
+AVX2 __m256i dot2(__m256i u, const int8_t *xq) {  /* madd weighs q1's pair sums by 254 as it adds them */
+    __m256i h1 = _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)xq));
+    __m256i h2 = _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(xq + 32)));
+    return _mm256_add_epi32(_mm256_madd_epi16(h1, _mm256_set1_epi16(254)), _mm256_madd_epi16(h2, _mm256_set1_epi16(1)));
 }
 
 AVX2 __m256i nibbles32(__m128i v) {  /* 16 bytes -> 32 bytes: low nibbles (weights 0-15), then high (16-31) */
@@ -331,9 +331,9 @@ AVX2 void dot_q8_0(const uint8_t *row, long c, const int8_t *xq, const float *dx
     const uint8_t *b = row + 34 * c;
     __m256i w = _mm256_loadu_si256((const __m256i *)(b + 2)), aw = _mm256_sign_epi8(w, w);
     /* signed x signed: |w| (unsigned) times each term of x with w's sign */
-    __m256i p1 = dot_u8_i8(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xq), w));
-    __m256i p2 = dot_u8_i8(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + 32)), w));
-    __m256i p = _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32(p1, 8), _mm256_slli_epi32(p1, 1)), p2);
+    __m256i h1 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xq), w));
+    __m256i h2 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + 32)), w));
+    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(h1, _mm256_set1_epi16(254)), _mm256_madd_epi16(h2, _mm256_set1_epi16(1)));
     *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(fp16(b)), lanes(dx)), *acc);
     (void)xs; (void)macc;
 }
