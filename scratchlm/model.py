@@ -254,12 +254,13 @@ class Model:
             pe = self.tensors["pos_embeddings.weight"]  # learned positions [ctx,D]
             pos = pe.take_rows(np.arange(start_pos, S)) if isinstance(pe, QuantizedMatrix) else pe[start_pos:S]  # [T,D]
             x = x + pos
-            cos = sin = None
+            cos = sin = rot = None
             if rec is not None:
                 rec("pos_embedding", pos)
                 rec("embedding+pos", x)
         else:
             cos, sin = (xp.asarray(a) for a in ops.rope_cos_sin(self._inv_freq, start_pos, T))  # [T,Hd/2] each
+            rot = ops.rope_rotation(cos, sin)  # [T,1,Hd/2] complex on NumPy (None elsewhere), for every layer
             if rec is not None:
                 rec("rope.inv_freq", xp.asarray(self._inv_freq))
                 rec("rope.cos", cos)
@@ -285,7 +286,8 @@ class Model:
                 r("k", qk[:, :, H:])  # [B,T,K,Hd]
                 r("v", v)  # [B,T,K,Hd]
             if not gpt2:
-                qk = ops.rope(qk, cos, sin)  # rotate queries and keys together
+                # rotate queries and keys together; in place when nothing recorded the unrotated ones
+                qk = ops.rope(qk, cos, sin, inplace=r is None, rot=rot)
                 if r is not None:
                     r("q_rope", qk[:, :, :H])
                     r("k_rope", qk[:, :, H:])

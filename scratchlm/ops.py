@@ -341,7 +341,15 @@ def rope_cos_sin(inv_freq: np.ndarray, start: int, T: int) -> tuple[np.ndarray, 
     return np.cos(angles), np.sin(angles)
 
 
-def rope(x, cos, sin, inplace: bool = False):
+def rope_rotation(cos, sin):
+    """e^(i*angle) [T, 1, Hd/2] complex64 for rope on NumPy (None on other namespaces): computed once per
+    forward and shared by every layer's rope instead of once per layer."""
+    if not is_numpy_array(cos):
+        return None
+    return (cos + 1j * sin).astype(np.complex64)[:, None, :]  # [T,Hd/2] -> [T,1,Hd/2]
+
+
+def rope(x, cos, sin, inplace: bool = False, rot=None):
     """Rotate each pair (x[2i], x[2i+1]) of every head by its angle (Meta's interleaved layout).
 
     x: [B, T, N, Hd] (N heads), cos/sin: [T, Hd/2]  ->  [B, T, N, Hd]
@@ -349,11 +357,13 @@ def rope(x, cos, sin, inplace: bool = False):
     Each pair is a complex number x[2i] + i*x[2i+1] multiplied by e^(i*angle), as in Meta's reference.
     On NumPy the pairs are viewed as complex64 (one complex multiply: 4x faster than the four real
     products below); other namespaces use the real form. inplace=True writes the result into x (an
-    array of the caller's own, or a view into one) and returns it.
+    array of the caller's own, or a view into one) and returns it. `rot`: rope_rotation(cos, sin), when the
+    caller has it (float32 x).
     """
     if is_numpy_array(x) and x.dtype in (np.float32, np.float64) and x.strides[-1] == x.itemsize:
         cdt = np.complex64 if x.dtype == np.float32 else np.complex128
-        rot = (cos + 1j * sin).astype(cdt)[:, None, :]  # [T,1,Hd/2], e^(i*angle), broadcast over B and N
+        if rot is None or x.dtype != np.float32:
+            rot = (cos + 1j * sin).astype(cdt)[:, None, :]  # [T,1,Hd/2], e^(i*angle), broadcast over B and N
         xc = x.view(cdt)  # [B,T,N,Hd] real -> [B,T,N,Hd/2] complex, the same memory
         if inplace:
             xc *= rot
