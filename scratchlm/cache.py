@@ -7,7 +7,7 @@ instead of 2 GB), at the price of converting the positions read back to float32 
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace
+from .ops import array_namespace
 
 
 class KVCache:

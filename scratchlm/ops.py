@@ -10,20 +10,42 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import types
 
 import numpy as np
-from array_api_compat import array_namespace as _array_namespace
-from array_api_compat import device, is_numpy_array, is_torch_array
 
 from . import kernels
 from .quant import QuantizedMatrix
 
 
+def is_numpy_array(x) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def is_torch_array(x) -> bool:
+    torch = sys.modules.get("torch")  # never imported here: a torch tensor means torch is loaded already
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def device(x):
+    """The device of an array ("cpu" for NumPy), as array_api_compat.device says it."""
+    if isinstance(x, np.ndarray):
+        return "cpu"
+    from array_api_compat import device as _device
+    return _device(x)
+
+
 def _numpy_namespace():
-    """array_api_compat's NumPy namespace, with reshape and permute_dims as the plain array methods (the
-    same results): its wrappers of those two cost ~2 us a call, and a training chunk makes ~300 of them."""
-    base = _array_namespace(np.empty(0))
+    """NumPy's Array API namespace: NumPy 2's own functions (its main namespace follows the standard), with
+    reshape and permute_dims as the plain array methods (the same results, without the ~2 us of a wrapper:
+    a training chunk makes ~300 such calls). array_api_compat, which adapts older NumPy, costs ~100 ms of
+    import, a tenth of the time to a first token, so it is imported only for NumPy 1 and other backends."""
+    if int(np.__version__.split(".")[0]) < 2:
+        from array_api_compat import array_namespace as _compat
+        base = _compat(np.empty(0))
+    else:
+        base = np
     ns = types.SimpleNamespace(**{k: getattr(base, k) for k in dir(base) if not k.startswith("__")})
 
     def reshape(x, shape, copy=None):
@@ -42,7 +64,8 @@ def array_namespace(*xs):
     the general lookup costs ~9 us, paid by every op of a training step (~300 per chunk)."""
     if all(type(x) is np.ndarray for x in xs):
         return _NUMPY
-    return _array_namespace(*xs)
+    from array_api_compat import array_namespace as _compat
+    return _compat(*xs)
 
 
 # Speed note: on the CPU, element-wise work is bound by memory traffic. A fresh [.., D] result costs a

@@ -13,7 +13,7 @@ residual add unchanged, and each block adds what flows back through its normalis
 
 from __future__ import annotations
 
-from array_api_compat import device
+from ..ops import device
 
 from .. import ops
 from ..errors import PromptError
