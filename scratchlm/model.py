@@ -318,13 +318,12 @@ class Model:
                 phi = ops.gelu_tanh_phi(up)  # kept: the backward needs it too
                 act = ops.gelu_tanh(up, phi)  # up * phi(up)
             else:
-                if type(L.w13) is QuantizedMatrix and T == 1:  # decoding: one kernel call for both
-                    gu = self._project(i, "w13", h, L.w13, None, r)  # [B,1,D] @ [D,2F] -> [B,1,2F]
-                    gate, up = gu[..., :cfg.ffn_dim], gu[..., cfg.ffn_dim:]  # [B,1,F] each
+                if type(L.w13) is QuantizedMatrix and T == 1 and r is None:  # decoding: one kernel call for both
+                    act = ops.swiglu_halves(self._project(i, "w13", h, L.w13, None, r))  # [B,1,D] @ [D,2F] -> [B,1,2F] -> [B,1,F]
                 else:
                     gate, up = self._project(i, "w13", h, (L.w1, L.w3), None, r)  # [B,T,D] @ [D,F] -> [B,T,F] each
-                sig = ops.sigmoid(gate)  # kept: the backward needs it too
-                act = ops.swiglu(gate, up, sig)
+                    sig = ops.sigmoid(gate)  # kept: the backward needs it too
+                    act = ops.swiglu(gate, up, sig)
             f = self._project(i, "down", act, L.w2, L.b2, r)  # [B,T,F] @ [F,D] -> [B,T,D]
             x = x + f  # residual
             if r is not None:

@@ -215,6 +215,16 @@ def swiglu(gate, up, sig=None):
     return y
 
 
+def swiglu_halves(gate_up):
+    """swiglu of the two halves of [..., 2F] (gate, then up: one fused projection's output) -> [..., F]."""
+    F = gate_up.shape[-1] // 2
+    if kernels.C_OPS is not None and _small_f32(gate_up, gate_up) and gate_up.flags.c_contiguous:
+        out = np.empty((*gate_up.shape[:-1], F), np.float32)  # a decode step: one C call instead of 5 NumPy ones
+        kernels.C_OPS.swiglu(gate_up.reshape(-1, 2 * F), out.reshape(-1, F))
+        return out
+    return swiglu(gate_up[..., :F], gate_up[..., F:])
+
+
 def swiglu_backward(dy, gate, up, sig=None):
     """Gradients of swiglu(gate, up) = silu(gate) * up from dy [..., F]: (dgate, dup), each [..., F].
 

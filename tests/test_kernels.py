@@ -143,7 +143,7 @@ def test_quantized_matrix_rows_and_concat():
 
 @pytest.mark.skipif(kernels.C_OPS is None, reason="the C kernels are not built here")
 def test_decode_ops_match_numpy(monkeypatch):
-    """The C RMSNorm and single-query attention (decode steps) against ops.py's NumPy versions."""
+    """The C RMSNorm, single-query attention and SwiGLU (decode steps) against ops.py's NumPy versions."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1, 3, 200)).astype(np.float32) * 3
     w = rng.standard_normal(200).astype(np.float32)
@@ -157,5 +157,9 @@ def test_decode_ops_match_numpy(monkeypatch):
         want = ops.attention(q, k, v)
         monkeypatch.undo()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    gu = rng.standard_normal((1, 1, 2 * 300)).astype(np.float32) * 6
+    gu[0, 0, :3] = [-120.0, 95.0, 0.0]  # exp's clamped range
+    fast_act = ops.swiglu_halves(gu)
     monkeypatch.setattr(kernels, "C_OPS", None)
     np.testing.assert_allclose(fast, ops.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fast_act, ops.swiglu_halves(gu), rtol=1e-5, atol=1e-6)
