@@ -398,33 +398,49 @@ AVX2 void dot_q3_k(const uint8_t *row, long c, const int8_t *xq, const float *dx
    and each 32 bytes of packed weights are loaded once for the chunks that share them (measured: 2.1x on
    Q4_K, 1.6x on Q6_K and Q5_K over decoding chunk by chunk as Q2_K and Q3_K still do). Arguments as dot_<type>, for 8 chunks of x at once. */
 
-AVX2 __m256 chunk_scale(float a) { return _mm256_set1_ps(a); }
+/* The 12 bytes of 6-bit scales and mins of a Q4_K/Q5_K super-block -> 8 float scales (times d) and 8 float
+   mins (times dmin), with 32-bit integer operations on all of them at once instead of byte by byte:
+   bytes 0-3 / 4-7 hold scales / mins 0-3 (low 6 bits), bytes 8-11 the low 4 bits of scales 4-7 (low
+   nibbles) and mins 4-7 (high nibbles), whose top 2 bits are the spare top bits of bytes 0-3 / 4-7. */
+AVX2 void k4_scales(const uint8_t *s, float d, float dmin, float *sc, __m256 *mn) {
+    uint32_t u[3];
+    memcpy(u, s, 12);
+    uint32_t v[4] = {u[0] & 0x3f3f3f3f, (u[2] & 0x0f0f0f0f) | ((u[0] >> 2) & 0x30303030),
+                     u[1] & 0x3f3f3f3f, ((u[2] >> 4) & 0x0f0f0f0f) | ((u[1] >> 2) & 0x30303030)};
+    __m256 vs = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)v)));        /* scales 0-7 */
+    __m256 vm = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(v + 2))));  /* mins 0-7 */
+    _mm256_storeu_ps(sc, _mm256_mul_ps(vs, _mm256_set1_ps(d)));
+    *mn = _mm256_mul_ps(vm, _mm256_set1_ps(dmin));
+}
+
+/* the 8 chunks' sums of x (xs holds them per 16: 16 floats) */
+AVX2 __m256 chunk_sums(const float *xs) {
+    __m256 h = _mm256_hadd_ps(_mm256_loadu_ps(xs), _mm256_loadu_ps(xs + 8));  /* chunks 0 1 4 5 | 2 3 6 7 */
+    return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+}
 
 AVX2 void sb_q4_k(const uint8_t *b, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
-    float d = fp16(b), dmin = fp16(b + 2), m = 0.0f;
+    float sc[8];
+    __m256 mn;
+    k4_scales(b + 4, fp16(b), fp16(b + 2), sc, &mn);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int i = 0; i < 4; i++) {  /* bytes 32i..32i+31: sub-block 2i (low nibbles), 2i+1 (high) */
-        int sc0, mn0, sc1, mn1;
-        scale_min_k4(b + 4, 2 * i, &sc0, &mn0);
-        scale_min_k4(b + 4, 2 * i + 1, &sc1, &mn1);
         __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * i));
         __m256i p0 = dot2(_mm256_and_si256(v, low4), xq + 128 * i);
         __m256i p1 = dot2(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4), xq + 128 * i + 64);
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(chunk_scale(d * (float)sc0), lanes(dx + 16 * i)), *acc);
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(chunk_scale(d * (float)sc1), lanes(dx + 16 * i + 8)), *acc);
-        m += (float)mn0 * (xs[4 * i] + xs[4 * i + 1]) + (float)mn1 * (xs[4 * i + 2] + xs[4 * i + 3]);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(_mm256_broadcast_ss(sc + 2 * i), lanes(dx + 16 * i)), *acc);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(_mm256_broadcast_ss(sc + 2 * i + 1), lanes(dx + 16 * i + 8)), *acc);
     }
-    *macc -= dmin * m;
+    *macc -= hsum(_mm256_mul_ps(mn, chunk_sums(xs)));
 }
 
 AVX2 void sb_q5_k(const uint8_t *b, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
-    float d = fp16(b), dmin = fp16(b + 2), m = 0.0f;
+    float sc[8];
+    __m256 mn;
+    k4_scales(b + 4, fp16(b), fp16(b + 2), sc, &mn);
     const __m256i low4 = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(16);
     __m256i h = _mm256_loadu_si256((const __m256i *)(b + 16));  /* bit j of byte l: 5th bit, sub-block j */
     for (int i = 0; i < 4; i++) {
-        int sc0, mn0, sc1, mn1;
-        scale_min_k4(b + 4, 2 * i, &sc0, &mn0);
-        scale_min_k4(b + 4, 2 * i + 1, &sc1, &mn1);
         __m256i v = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * i));
         __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * i))), b1 = _mm256_set1_epi8((char)(1 << (2 * i + 1)));
         __m256i q0 = _mm256_or_si256(_mm256_and_si256(v, low4),
@@ -433,15 +449,21 @@ AVX2 void sb_q5_k(const uint8_t *b, const int8_t *xq, const float *dx, const flo
                                      _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, b1), b1), sixteen));
         __m256i p0 = dot2(q0, xq + 128 * i);
         __m256i p1 = dot2(q1, xq + 128 * i + 64);
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(chunk_scale(d * (float)sc0), lanes(dx + 16 * i)), *acc);
-        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(chunk_scale(d * (float)sc1), lanes(dx + 16 * i + 8)), *acc);
-        m += (float)mn0 * (xs[4 * i] + xs[4 * i + 1]) + (float)mn1 * (xs[4 * i + 2] + xs[4 * i + 3]);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(_mm256_broadcast_ss(sc + 2 * i), lanes(dx + 16 * i)), *acc);
+        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(_mm256_broadcast_ss(sc + 2 * i + 1), lanes(dx + 16 * i + 8)), *acc);
     }
-    *macc -= dmin * m;
+    *macc -= hsum(_mm256_mul_ps(mn, chunk_sums(xs)));
 }
 
 AVX2 void sb_q6_k(const uint8_t *b, const int8_t *xq, const float *dx, const float *xs, __m256 *acc, float *macc) {
-    float d = fp16(b + 208), m = 0.0f;
+    /* the 16 int8 scales times d, once: scale s of a chunk c is s = 2c (first 16 weights) and 2c + 1 */
+    float f[16];
+    __m128i sb = _mm_loadu_si128((const __m128i *)(b + 192));
+    __m256 vd = _mm256_set1_ps(fp16(b + 208));
+    __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sb)), vd);
+    __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sb, 8))), vd);
+    _mm256_storeu_ps(f, f0);
+    _mm256_storeu_ps(f + 8, f1);
     const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
     for (int h = 0; h < 2; h++) {
         __m256i l0 = _mm256_loadu_si256((const __m256i *)(b + 64 * h));       /* k = 0 (low), 2 (high) */
@@ -450,15 +472,15 @@ AVX2 void sb_q6_k(const uint8_t *b, const int8_t *xq, const float *dx, const flo
         __m256i lo[4] = {_mm256_and_si256(l0, low4), _mm256_and_si256(l1, low4),
                          _mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), low4)};
         for (int k = 0; k < 4; k++) {
-            int c = 4 * h + k, s = 8 * h + 2 * k;
+            int c = 4 * h + k;
             __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), three);
             __m256i p = dot2(_mm256_or_si256(lo[k], _mm256_slli_epi16(hi, 4)), xq + 64 * c);
-            float a0 = d * (float)(int8_t)b[192 + s], a1 = d * (float)(int8_t)b[193 + s];
-            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(halves(a0, a1), lanes(dx + 8 * c)), *acc);
-            m += a0 * xs[2 * c] + a1 * xs[2 * c + 1];
+            __m256 sc = _mm256_set_m128(_mm_broadcast_ss(f + 2 * c + 1), _mm_broadcast_ss(f + 2 * c));
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sc, lanes(dx + 8 * c)), *acc);
         }
     }
-    *macc -= 32.0f * m;
+    /* the -32 offsets: 32 * sum over the 16 sub-blocks of scale * (sum of x) */
+    *macc -= 32.0f * hsum(_mm256_fmadd_ps(f0, _mm256_loadu_ps(xs), _mm256_mul_ps(f1, _mm256_loadu_ps(xs + 8))));
 }
 
 /* the largest |v| of each group of 4 lanes (0-3, 4-7), in every lane of its group */

@@ -162,4 +162,5 @@ def test_decode_ops_match_numpy(monkeypatch):
     fast_act = ops.swiglu_halves(gu)
     monkeypatch.setattr(kernels, "C_OPS", None)
     np.testing.assert_allclose(fast, ops.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(fast_act, ops.swiglu_halves(gu), rtol=1e-5, atol=1e-6)
+    with np.errstate(over="ignore"):  # NumPy's exp(120) overflows to inf: sigmoid 0, as it should
+        np.testing.assert_allclose(fast_act, ops.swiglu_halves(gu), rtol=1e-5, atol=1e-6)
