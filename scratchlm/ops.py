@@ -682,6 +682,18 @@ def linear_backward(dy, x, w, bias: bool = False, weight_grad: bool = True):
     """Gradients of linear from dy [..., out] and the forward's input x [..., in]: (dx, dw, db), db None
     without a bias. dw is one [out, N] @ [N, in] matmul over all B*T rows at once; with
     weight_grad=False (a frozen weight, as under LoRA) dw is None and that matmul is skipped."""
+    if isinstance(w, tuple):  # matrices side by side (q, k and v packed in different types): dx adds up
+        if weight_grad:
+            raise ValueError("a weight kept as quantized blocks is frozen (LoRA trains on it); "
+                             "load the model with dtype='f32' to train every weight")
+        dx, lo = None, 0
+        for part in w:
+            hi = lo + part.shape[0]
+            d_part = linear_backward(dy[..., lo:hi], x, part, weight_grad=False)[0]  # [..., in]
+            dx = d_part if dx is None else dx + d_part
+            lo = hi
+        db = _column_sums(np.reshape(dy, (-1, lo))) if bias else None
+        return dx, None, db
     if isinstance(w, QuantizedMatrix):  # a packed base (LoRA): only dx, through the blocks
         if weight_grad:
             raise ValueError("a weight kept as quantized blocks is frozen (LoRA trains on it); "
