@@ -100,13 +100,58 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+class Detokenizer:
+    """Generated token ids in, text pieces out: complete UTF-8 only, cut before the first stop string.
+
+    `push(tok)` answers the text that can be shown now: a partial character waits for its next bytes, and
+    a tail that could still grow into a stop string is held back until it cannot. After a push that
+    completes a stop string, `stopped` is true and the text before it has been answered; nothing more
+    comes. `finish()` answers what is left at the end (a dangling partial character becomes U+FFFD).
+    generate's loop and the server's scheduler (serve/scheduler.py) both use it, so they stream the same text.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self._bytes = tokenizer.token_bytes if tokenizer is not None else None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = list(stop)
+        self.text, self.emitted = "", 0  # generated text so far, and how much of it was answered
+        self.stopped = False
+
+    def push(self, tok: int) -> str:
+        if self._bytes is None:
+            return ""
+        text = self.text = self.text + self._decoder.decode(self._bytes(tok))
+        emitted, stop = self.emitted, self._stop
+        if stop:
+            hits = [i for i in (text.find(s, max(0, emitted - len(s) + 1)) for s in stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                cut = max(min(hits), emitted)
+                self.emitted = cut
+                return text[emitted:cut]
+            keep = len(text) - _holdback(text, stop)
+        else:
+            keep = len(text)
+        if keep <= emitted:
+            return ""
+        self.emitted = keep
+        return text[emitted:keep]
+
+    def finish(self) -> str:
+        if self._bytes is None or self.stopped:
+            return ""
+        self.text += self._decoder.decode(b"", final=True)
+        piece = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return piece
+
+
 def _run(model, ids: list[int], *, max_tokens: int, sampler: Sampler, stop_ids: set[int],
          stop: Sequence[str], state: dict) -> Iterator[str]:
     """Prefill, then decode; yield text pieces that are complete UTF-8 and cannot begin a stop string."""
     ctx = model.config.max_seq_len
     cache = model.new_cache(min(len(ids) + max_tokens, ctx))
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    text, emitted = "", 0  # generated text so far, and how much of it was yielded
+    detok = Detokenizer(model.tokenizer, stop)
     history = list(ids)
     out_ids = state["ids"]
 
@@ -114,27 +159,18 @@ def _run(model, ids: list[int], *, max_tokens: int, sampler: Sampler, stop_ids: 
     pos = len(ids)
     state["finish_reason"] = "length"
     for _ in range(max_tokens):
-        tok = sampler.sample(to_numpy(logits[0, -1]), history)
+        tok = sampler.sample(to_numpy(logits[0, -1]), history, out_ids)
         if tok in stop_ids:
             state["finish_reason"] = "eos"
             break
         out_ids.append(tok)
         history.append(tok)
-        text += decoder.decode(model.tokenizer.token_bytes(tok)) if model.tokenizer is not None else ""
-        if stop:
-            hits = [i for i in (text.find(s, max(0, emitted - len(s) + 1)) for s in stop) if i >= 0]
-            if hits:
-                cut = min(hits)
-                if cut > emitted:
-                    yield text[emitted:cut]
-                state["finish_reason"] = "stop"
-                return
-            keep = len(text) - _holdback(text, stop)
-        else:
-            keep = len(text)
-        if keep > emitted:
-            yield text[emitted:keep]
-            emitted = keep
+        piece = detok.push(tok)
+        if piece:
+            yield piece
+        if detok.stopped:
+            state["finish_reason"] = "stop"
+            return
         if pos + 1 >= ctx:  # prompt + generated tokens fill the context: no position left to feed
             if len(out_ids) < max_tokens:
                 state["finish_reason"] = "context"
@@ -142,15 +178,15 @@ def _run(model, ids: list[int], *, max_tokens: int, sampler: Sampler, stop_ids: 
             break
         logits = model.forward(np.asarray([[tok]]), cache, pos, last_only=True)  # decode: [1,1,V]
         pos += 1
-    text += decoder.decode(b"", final=True)  # a dangling partial character becomes U+FFFD
-    if len(text) > emitted:
-        yield text[emitted:]
+    piece = detok.finish()
+    if piece:
+        yield piece
 
 
 def _start(model, ids: list[int], *, max_tokens=DEFAULTS["max_tokens"], temperature=DEFAULTS["temperature"],
            top_k=DEFAULTS["top_k"], top_p=DEFAULTS["top_p"], min_p=DEFAULTS["min_p"],
-           repetition_penalty=DEFAULTS["repetition_penalty"], seed=None, stop=None, stream=False,
-           ignore_eos=False):
+           repetition_penalty=DEFAULTS["repetition_penalty"], presence_penalty=0.0, frequency_penalty=0.0,
+           seed=None, stop=None, stream=False, ignore_eos=False):
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     ctx = model.config.max_seq_len
@@ -160,7 +196,8 @@ def _start(model, ids: list[int], *, max_tokens=DEFAULTS["max_tokens"], temperat
     if ids_arr.min() < 0 or ids_arr.max() >= model.config.vocab_size:
         raise PromptError(f"prompt token ids must lie in [0, {model.config.vocab_size})")
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=repetition_penalty)
+                            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty)
     params.validate()
     if isinstance(stop, str):
         stop = [stop]
@@ -181,7 +218,7 @@ def generate(model, prompt, *, add_bos: bool | None = None, **kwargs):
     """Continue `prompt` (text, or token ids).
 
     Keyword arguments: max_tokens, temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
-    seed, stop (a string or list of strings, not included in the output), stream (return a TextStream
+    presence_penalty, frequency_penalty (OpenAI's, over the generated tokens), seed, stop (a string or list of strings, not included in the output), stream (return a TextStream
     of text pieces instead of the whole string), ignore_eos.
     """
     return _start(model, prompt_ids(model, prompt, add_bos), **kwargs)

@@ -351,6 +351,85 @@ class Model:
             rec("logits", logits)
         return logits
 
+    def decode_batch(self, tokens, caches: list[KVCache], positions: list[int]):
+        """One decoding step of B independent sequences: logits [B, V] of tokens[b] at positions[b], each
+        sequence with its own KV cache (holding positions[b] positions before the call, one more after).
+
+        The server's continuous batching (serve/scheduler.py) runs every active request through this, so
+        the sequences sit at different lengths. The projections see the B tokens as B rows of one matrix,
+        so each weight is read once for all of them (decoding is bound by reading the weights); RoPE turns
+        each row by its own position; attention runs per sequence over exactly its own cached positions
+        (a slice as long as that sequence: there is no padding, so nothing to mask).
+
+        Equal to `forward` one sequence at a time, and bit for bit when the weights are packed blocks and
+        B <= kernels.MATVEC_MAX_ROWS: the C matrix-vector kernels, RMSNorm, SwiGLU and attention each
+        compute a row alone, in the same order whatever the other rows. Float32 weights (load(dtype="f32"))
+        go through BLAS, whose B-row product sums in another order than its one-row product (a few 1e-7
+        relative), and so do packed weights for more than MATVEC_MAX_ROWS rows (dequantized tiles instead of
+        the 8-bit activations: ~1e-4): logits then agree closely, and a greedy choice between two nearly
+        tied tokens can differ.
+        """
+        xp, cfg = self.xp, self.config
+        B = len(tokens)
+        if not (B == len(caches) == len(positions)) or B == 0:
+            raise ValueError(f"decode_batch needs as many caches and positions as tokens, got {B}, "
+                             f"{len(caches)}, {len(positions)}")
+        for c, p in zip(caches, positions):
+            if p + 1 > c.max_len:
+                raise PromptError(f"position {p} is past the end of a KV cache of {c.max_len} positions")
+        D, H, K, Hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        gpt2 = cfg.arch == "gpt2"
+        ids = xp.asarray(np.asarray(tokens, dtype=np.int64).reshape(B, 1))  # [B,1]
+        x = ops.embedding(self.tensors["tok_embeddings.weight"], ids)  # [B,1] -> [B,1,D]
+        if gpt2:
+            pe = self.tensors["pos_embeddings.weight"]  # learned positions [ctx,D]
+            where = np.asarray(positions)
+            pos = pe.take_rows(where) if isinstance(pe, QuantizedMatrix) else pe[xp.asarray(where)]  # [B,D]
+            x = x + xp.reshape(pos, (B, 1, D))
+            cos = sin = rot = None
+        else:
+            # each sequence's own angles, made as the lone forward makes them (one position at a time)
+            cs = [ops.rope_cos_sin(self._inv_freq, int(p), 1) for p in positions]  # B x ([1,Hd/2], [1,Hd/2])
+            cos = xp.asarray(np.concatenate([c for c, _ in cs]))  # [B,Hd/2]
+            sin = xp.asarray(np.concatenate([s for _, s in cs]))  # [B,Hd/2]
+            rot = ops.rope_rotation(cos, sin)  # [B,1,Hd/2]
+
+        for i, L in enumerate(self.layers):
+            h = self._norm(x, L.attn_norm_w, L.attn_norm_b)  # [B,1,D]
+            qkv = self._project(i, "qkv", h, L.wqkv, L.bqkv, None)  # [B,1,D] @ [D,(H+2K)*Hd] -> [B,1,(H+2K)*Hd]
+            # the B sequences on the T axis ([1,B,...], the same memory): rope then gives row b angle b
+            qkv = xp.reshape(qkv, (1, B, H + 2 * K, Hd))  # [1,B,H+2K,Hd]
+            qk, v = qkv[:, :, :H + K], qkv[:, :, H + K:]  # [1,B,H+K,Hd], [1,B,K,Hd]
+            if not gpt2:
+                qk = ops.rope(qk, cos, sin, inplace=True, rot=rot)
+            heads = []
+            for b in range(B):  # attention: each sequence over its own cache
+                q_b = xp.permute_dims(qk[:, b:b + 1, :H], (0, 2, 1, 3))  # [1,1,H,Hd] -> [1,H,1,Hd]
+                k_b = xp.permute_dims(qk[:, b:b + 1, H:], (0, 2, 1, 3))  # [1,1,K,Hd] -> [1,K,1,Hd]
+                v_b = xp.permute_dims(v[:, b:b + 1], (0, 2, 1, 3))  # [1,1,K,Hd] -> [1,K,1,Hd]
+                k_all, v_all = caches[b].update(i, k_b, v_b, positions[b])  # [1,K,S_b,Hd] each
+                heads.append(ops.attention(q_b, k_all, v_all))  # [1,H,1,Hd]
+            a = xp.concat(heads, axis=0)  # [B,H,1,Hd]
+            a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (B, 1, H * Hd))  # [B,H,1,Hd] -> [B,1,H*Hd]
+            a = self._project(i, "o", a, L.wo, L.bo, None)  # [B,1,H*Hd] @ [H*Hd,D] -> [B,1,D]
+            x = x + a  # residual
+
+            h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,1,D]
+            if gpt2:
+                up = self._project(i, "w13", h, L.w1, L.b1, None)  # [B,1,D] @ [D,F] -> [B,1,F]
+                act = ops.gelu_tanh(up, ops.gelu_tanh_phi(up))
+            elif type(L.w13) is QuantizedMatrix:  # one kernel call for gate and up, as the lone decode step
+                act = ops.swiglu_halves(self._project(i, "w13", h, L.w13, None, None))  # [B,1,D] @ [D,2F] -> [B,1,2F] -> [B,1,F]
+            else:
+                gate, up = self._project(i, "w13", h, (L.w1, L.w3), None, None)  # [B,1,D] @ [D,F] -> [B,1,F] each
+                act = ops.swiglu(gate, up, ops.sigmoid(gate))
+            f = self._project(i, "down", act, L.w2, L.b2, None)  # [B,1,F] @ [F,D] -> [B,1,D]
+            x = x + f  # residual
+
+        x = self._norm(x, self.tensors["norm.weight"], self.tensors.get("norm.bias"))  # [B,1,D]
+        logits = ops.linear(x, self.output_weight)  # [B,1,D] @ [D,V] -> [B,1,V]
+        return xp.reshape(logits, (B, cfg.vocab_size))  # [B,V]
+
     def logits(self, ids) -> np.ndarray:
         """Logits [len(ids), V] float32 of a full causal forward without cache (for tests and tools)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # [1,T]

@@ -1,10 +1,12 @@
-"""Choosing the next token from a vector of logits: greedy, temperature, top-k, top-p, min-p, repetition penalty.
+"""Choosing the next token from a vector of logits: greedy, temperature, top-k, top-p, min-p, repetition penalty,
+and OpenAI's presence and frequency penalties.
 
 Sampling runs on the host in NumPy, one small function per step. Each filter takes logits [V] and returns
 new logits [V] where the removed entries are ``-inf``, so the steps compose and the final softmax gives
 removed tokens exactly zero probability. The steps run in the order Hugging Face ``transformers`` uses
 for the same options (repetition penalty, temperature, top-k, top-p, min-p), and each one matches the
-corresponding ``transformers`` logits processor (tests/test_sampling.py checks that).
+corresponding ``transformers`` logits processor (tests/test_sampling.py checks that). The presence and
+frequency penalties (the OpenAI API's; transformers has none) come right after the repetition penalty.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0  # 0 = off
+    frequency_penalty: float = 0.0  # 0 = off
 
     def validate(self) -> "SamplingParams":
         """Raise a one-line ValueError for an out-of-range option; return self so calls can chain."""
@@ -40,6 +44,10 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1) (0 = off), got {m!r}")
         if not _is_real(r) or not (r > 0) or math.isinf(r):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {r!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            x = getattr(self, name)
+            if not _is_real(x) or not (-2 <= x <= 2):
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 = off), got {x!r}")
         return self
 
 
@@ -57,6 +65,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log-probabilities [V] float64 from logits [V] (what an API's `logprobs` report: the model's own
+    distribution, before any sampling filter)."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = np.max(x)
+    if not np.isfinite(top):
+        raise ValueError(f"cannot take log_softmax of logits whose maximum is {top}")
+    shifted = x - top
+    return shifted - np.log(np.sum(np.exp(shifted)))
+
+
 def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
     """Make tokens already seen less likely (CTRL paper, as in transformers).
 
@@ -72,6 +91,21 @@ def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty
     out = logits.copy()
     seen = out[ids]
     out[ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+    return out
+
+
+def apply_presence_frequency_penalty(logits: np.ndarray, generated: Sequence[int], presence: float,
+                                     frequency: float) -> np.ndarray:
+    """OpenAI's penalties over the tokens generated so far (the prompt does not count, as in vLLM):
+    logit[j] -= frequency * count[j] + presence * (count[j] > 0). Ids outside [0, V) are ignored."""
+    if (presence == 0.0 and frequency == 0.0) or len(generated) == 0:
+        return logits
+    V = logits.shape[-1]
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)  # distinct ids, how often
+    inside = (ids >= 0) & (ids < V)
+    ids, counts = ids[inside], counts[inside]
+    out = logits.copy()
+    out[ids] -= (frequency * counts + presence).astype(out.dtype)
     return out
 
 
@@ -142,9 +176,12 @@ def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
     return np.where(probs < threshold, -np.inf, logits).astype(logits.dtype, copy=False)
 
 
-def process_logits(logits: np.ndarray, history: Sequence[int], params: SamplingParams) -> np.ndarray:
-    """All filters of ``params`` in transformers' order; returns logits [V] ready for softmax."""
+def process_logits(logits: np.ndarray, history: Sequence[int], params: SamplingParams,
+                   generated: Sequence[int] = ()) -> np.ndarray:
+    """All filters of ``params`` in transformers' order; returns logits [V] ready for softmax.
+    ``history``: every id so far (prompt included); ``generated``: the generated ones only."""
     x = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    x = apply_presence_frequency_penalty(x, generated, params.presence_penalty, params.frequency_penalty)
     if params.temperature == 0:
         return x  # greedy: the filters below never remove the argmax, so they cannot change the choice
     x = apply_temperature(x, params.temperature)
@@ -160,8 +197,9 @@ class Sampler:
         self.params = (params if params is not None else SamplingParams()).validate()
         self.rng = np.random.default_rng(seed)
 
-    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
-        """One token id from logits [V]; ``history`` holds the ids so far (prompt included), for the penalty."""
+    def sample(self, logits: np.ndarray, history: Sequence[int] = (), generated: Sequence[int] = ()) -> int:
+        """One token id from logits [V]; ``history`` holds the ids so far (prompt included), for the repetition
+        penalty, ``generated`` the generated ones only, for the presence and frequency penalties."""
         x = np.asarray(logits)
         if x.ndim != 1 or x.shape[0] == 0:
             raise ValueError(f"expected logits of shape [V], got shape {x.shape}")
@@ -169,7 +207,7 @@ class Sampler:
         x = x.astype(np.float32, copy=False) if x.dtype != np.float64 else x
         if np.isnan(x).any():
             raise ValueError("logits contain NaN: the model's output is broken")
-        x = process_logits(x, history, self.params)
+        x = process_logits(x, history, self.params, generated)
         if self.params.temperature == 0:
             return int(np.argmax(x))  # first index among ties, as torch.argmax
         # draw among the tokens the filters kept: after top-k/top-p that is a few, not the whole vocabulary
