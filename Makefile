@@ -15,9 +15,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m compileall -q scratchlm  # an editable install writes no .pyc up front: a first token sooner
 	touch $@
 
-# What the tests need on top: the references (torch pinned, see DESIGN.md), pytest, hypothesis.
+# What the tests need on top: the references (torch pinned, see DESIGN.md), pytest, hypothesis, the openai
+# client, and Debian's Chromium for the web page's test (Playwright drives it; it never downloads a browser).
+# Chromium is installed once, as root or through sudo; where neither works the page test says it skipped why.
 $(VENV)/.test-installed: $(VENV)/.installed pyproject.toml
 	$(PIP) install -q -e '.[test]'
+	command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ]; then echo "chromium is not installed and this user cannot install it: the web page test will skip"; \
+	  else $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+	    || echo "apt-get could not install chromium: the web page test will skip"; fi; }
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""The `scratchlm` command: generate, chat, info, tokenize, bench, train.
+"""The `scratchlm` command: generate, chat, serve, info, tokenize, bench, train, ...
 
 Bad input (a missing or corrupt file, a bad argument, an impossible prompt) prints one line
 `scratchlm: error: ...` on stderr and exits with status 1; never a traceback.
@@ -182,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q5_K_M", "Q6_K"),
                    help="the block type, or llama.cpp's Q4_K_M / Q5_K_M mix of Q4_K, Q5_K and Q6_K")
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter directory (PEFT format) to merge in first")
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching) with a web chat page")
+    _add_model(p)
+    _add_dtype(p)
+    _add_adapter(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free one)")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--parallel", type=_positive_int, default=8,
+                   help="sequences decoded together, one batched step for all (default 8)")
+    p.add_argument("--queue", type=int, default=64, help="requests waiting for a slot before 503 (default 64)")
+    p.add_argument("--ctx", type=_positive_int, default=None,
+                   help="context per request: prompt + max_tokens (default: the model's)")
+    p.add_argument("--model-id", default=None, help="the name clients use in 'model' (default: the file's stem)")
     return ap
 
 
@@ -416,7 +429,16 @@ def cmd_quantize(a) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "tokenize": cmd_tokenize, "bench": cmd_bench, "train": cmd_train,
+def cmd_serve(a) -> int:
+    if a.queue < 0:
+        raise ValueError(f"--queue must be >= 0, got {a.queue}")
+    from .serve.cli import serve
+
+    return serve(_load(a), host=a.host, port=a.port, api_key=a.api_key, parallel=a.parallel, queue_size=a.queue,
+                 ctx=a.ctx, model_id=a.model_id)
+
+
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "info": cmd_info, "tokenize": cmd_tokenize, "bench": cmd_bench, "train": cmd_train,
             "explain": cmd_explain, "export": cmd_export, "finetune": cmd_finetune, "merge": cmd_merge,
             "quantize": cmd_quantize}
 
