@@ -27,11 +27,12 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         # the scheduler ends each running sequence with finish_reason "abort" at its next step, so the
-        # streams close themselves and uvicorn's wait for open connections ends
+        # streams close themselves and uvicorn's wait for open connections ends. Unlike uvicorn's own
+        # handler the signal is not raised again once stopped: a clean stop exits 0, with no traceback.
         self.scheduler.shutdown()
-        super().handle_exit(sig, frame)
-        if sig == signal.SIGTERM and signal.SIGTERM in self._captured_signals:
-            self._captured_signals.remove(signal.SIGTERM)  # a clean stop: exit 0, not killed by the signal
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for connections
+        self.should_exit = True
 
 
 def serve(model, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, parallel: int = 8,
