@@ -366,8 +366,8 @@ class Model:
         compute a row alone, in the same order whatever the other rows. Float32 weights (load(dtype="f32"))
         go through BLAS, whose B-row product sums in another order than its one-row product (a few 1e-7
         relative), and so do packed weights for more than MATVEC_MAX_ROWS rows (dequantized tiles instead of
-        the 8-bit activations: ~1e-4): logits then agree closely, and a greedy choice between two nearly
-        tied tokens can differ.
+        the 8-bit activations: ~1e-4), and so do a LoRA adapter's float32 matrices: logits then agree
+        closely, and a greedy choice between two nearly tied tokens can differ.
         """
         xp, cfg = self.xp, self.config
         B = len(tokens)

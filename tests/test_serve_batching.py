@@ -129,3 +129,12 @@ def test_sigterm_ends_streams_with_a_final_chunk(tmp_path):
         assert server.proc.wait(120) == 0
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("argv", [["serve", "--queue", "-1"], ["serve", "-m", "/no/such/model.gguf"]])
+def test_serve_bad_arguments_are_one_line_errors(argv, capsys):
+    from scratchlm.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("scratchlm: error: ") and err.count("\n") == 1
