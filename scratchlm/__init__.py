@@ -11,11 +11,12 @@ import sys
 
 from .config import ModelConfig
 from .model import Model
+from .perplexity import perplexity  # scratchlm.perplexity is the function; `from scratchlm.perplexity import score` still works
 
 __version__ = "0.1.0"
 version = __version__
 
-__all__ = ["load", "load_tokenizer", "Model", "ModelConfig", "version", "__version__"]
+__all__ = ["load", "load_tokenizer", "perplexity", "Model", "ModelConfig", "version", "__version__"]
 
 
 def load(path=None, *, adapter=None, progress: bool | None = None, dtype: str | None = None) -> Model:

@@ -110,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=_positive_int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s")
 
+    p = sub.add_parser("perplexity", help="perplexity of a text file, computed the way llama.cpp's llama-perplexity does")
+    _add_model(p)
+    _add_dtype(p)
+    _add_adapter(p)
+    p.add_argument("file", metavar="FILE", help="a UTF-8 text file")
+    p.add_argument("--ctx", type=_positive_int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=_positive_int, default=None,
+                   help="sliding windows every S tokens, each scoring what earlier ones did not (the Hugging Face "
+                        "guide's rule); default: llama.cpp's non-overlapping windows scored on their second half")
+    p.add_argument("--batch", type=_positive_int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--json", action="store_true", help='print one JSON line: {"ppl", "ppl_stderr", "tokens"}')
+
     p = sub.add_parser("train", help="train a small Llama or GPT-2 from scratch on a text file (or --resume a run)")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE", help="the training text file(s)")
     p.add_argument("--out", default=None, metavar="DIR", help="the run directory to create")
@@ -342,6 +354,22 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_perplexity(a) -> int:
+    import math
+    from pathlib import Path
+
+    from .perplexity import perplexity
+
+    text = Path(a.file).read_text(encoding="utf-8")  # before loading the model: a bad path fails at once
+    r = perplexity(_load(a), text, ctx=a.ctx, stride=a.stride, batch=a.batch)
+    if a.json:
+        err = r.ppl_stderr if math.isfinite(r.ppl_stderr) else None
+        print(json.dumps({"ppl": r.ppl, "ppl_stderr": err, "tokens": r.tokens}))
+    else:
+        print(f"perplexity: {r.ppl:.4f} ± {r.ppl_stderr:.4f} over {r.tokens} tokens")
+    return 0
+
+
 def _start_or_resume(a, run_cls, make_args, needs: str):
     """A new run of run_cls (Trainer, Finetuner) made from make_args(), or the run --resume DIR names:
     what `train` and `finetune` share."""
@@ -438,7 +466,8 @@ def cmd_serve(a) -> int:
                  ctx=a.ctx, model_id=a.model_id)
 
 
-COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "info": cmd_info, "tokenize": cmd_tokenize, "bench": cmd_bench, "train": cmd_train,
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "info": cmd_info, "tokenize": cmd_tokenize, "bench": cmd_bench,
+            "perplexity": cmd_perplexity, "train": cmd_train,
             "explain": cmd_explain, "export": cmd_export, "finetune": cmd_finetune, "merge": cmd_merge,
             "quantize": cmd_quantize}
 

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import ops
 from ..config import ModelConfig, expected_shapes
 from ..errors import FormatError, TokenizerError, UnsupportedError
 from ..model import Model
+from ..perplexity import score
 from . import checkpoint as ck
 from .data import BatchSampler, TokenData, bigram_loss, eval_batches, read_corpus, unigram_loss, write_tokens
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
@@ -157,11 +157,11 @@ def build_tokenizer(spec: str, text: str):
 
 
 def eval_loss(model: Model, batches) -> float:
-    """Mean cross-entropy over a list of (inputs, targets) batches, forward only."""
+    """Mean cross-entropy over a list of (inputs, targets) batches, forward only: every position of each
+    held-out window scored by perplexity.score, the function `scratchlm perplexity` scores with."""
     total = 0.0
     for x, y in batches:
-        logits = model.forward(x)  # [B,T,V]
-        total += float(ops.cross_entropy(logits, y))
+        total += float(score(model, x, y).mean())  # [B,T] NLLs
     return total / len(batches)
 
 
