@@ -195,6 +195,32 @@ class Model:
             y += b  # in place too: no second [..., out] array
         return y
 
+    def _ffn(self, i: int, L: _Layer, h, r):
+        """Layer i's feed-forward block on the normed h [B,T,D] -> [B,T,D] (GELU MLP for GPT-2, SwiGLU for
+        Llama), recording its intermediates when r is given (the backward needs them)."""
+        if self.config.arch == "gpt2":
+            up = self._project(i, "w13", h, L.w1, L.b1, r)  # [B,T,D] @ [D,F] -> [B,T,F]
+            phi = ops.gelu_tanh_phi(up)  # kept: the backward needs it too
+            act = ops.gelu_tanh(up, phi)  # up * phi(up)
+        elif type(L.w13) is QuantizedMatrix and h.shape[1] == 1 and r is None:  # decoding: one kernel call for both
+            act = ops.swiglu_halves(self._project(i, "w13", h, L.w13, None, r))  # [B,1,D] @ [D,2F] -> [B,1,2F] -> [B,1,F]
+        else:
+            gate, up = self._project(i, "w13", h, (L.w1, L.w3), None, r)  # [B,T,D] @ [D,F] -> [B,T,F] each
+            sig = ops.sigmoid(gate)  # kept: the backward needs it too
+            act = ops.swiglu(gate, up, sig)
+        f = self._project(i, "down", act, L.w2, L.b2, r)  # [B,T,F] @ [F,D] -> [B,T,D]
+        if r is not None:
+            r("ffn_norm", h)
+            if self.config.arch == "gpt2":
+                r("ffn_phi", phi)
+            else:
+                r("ffn_gate", gate)
+                r("ffn_sigmoid", sig)
+            r("ffn_up", up)
+            r("ffn_act", act)
+            r("ffn_down", f)
+        return f
+
     def new_cache(self, max_len: int, batch: int = 1, dtype: str | None = None) -> KVCache:
         """A KV cache for `max_len` positions (at most the model's context), stored in `dtype` ("f16", or
         None: self.kv_dtype, by default the compute dtype float32)."""
@@ -313,29 +339,8 @@ class Model:
 
             # --- feed-forward block ---
             h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,T,D]
-            if gpt2:
-                up = self._project(i, "w13", h, L.w1, L.b1, r)  # [B,T,D] @ [D,F] -> [B,T,F]
-                phi = ops.gelu_tanh_phi(up)  # kept: the backward needs it too
-                act = ops.gelu_tanh(up, phi)  # up * phi(up)
-            else:
-                if type(L.w13) is QuantizedMatrix and T == 1 and r is None:  # decoding: one kernel call for both
-                    act = ops.swiglu_halves(self._project(i, "w13", h, L.w13, None, r))  # [B,1,D] @ [D,2F] -> [B,1,2F] -> [B,1,F]
-                else:
-                    gate, up = self._project(i, "w13", h, (L.w1, L.w3), None, r)  # [B,T,D] @ [D,F] -> [B,T,F] each
-                    sig = ops.sigmoid(gate)  # kept: the backward needs it too
-                    act = ops.swiglu(gate, up, sig)
-            f = self._project(i, "down", act, L.w2, L.b2, r)  # [B,T,F] @ [F,D] -> [B,T,D]
-            x = x + f  # residual
+            x = x + self._ffn(i, L, h, r)  # residual
             if r is not None:
-                r("ffn_norm", h)
-                if gpt2:
-                    r("ffn_phi", phi)
-                else:
-                    r("ffn_gate", gate)
-                    r("ffn_sigmoid", sig)
-                r("ffn_up", up)
-                r("ffn_act", act)
-                r("ffn_down", f)
                 r("residual_ffn", x)
 
         if last_only:
@@ -415,16 +420,7 @@ class Model:
             x = x + a  # residual
 
             h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,1,D]
-            if gpt2:
-                up = self._project(i, "w13", h, L.w1, L.b1, None)  # [B,1,D] @ [D,F] -> [B,1,F]
-                act = ops.gelu_tanh(up, ops.gelu_tanh_phi(up))
-            elif type(L.w13) is QuantizedMatrix:  # one kernel call for gate and up, as the lone decode step
-                act = ops.swiglu_halves(self._project(i, "w13", h, L.w13, None, None))  # [B,1,D] @ [D,2F] -> [B,1,2F] -> [B,1,F]
-            else:
-                gate, up = self._project(i, "w13", h, (L.w1, L.w3), None, None)  # [B,1,D] @ [D,F] -> [B,1,F] each
-                act = ops.swiglu(gate, up, ops.sigmoid(gate))
-            f = self._project(i, "down", act, L.w2, L.b2, None)  # [B,1,F] @ [F,D] -> [B,1,D]
-            x = x + f  # residual
+            x = x + self._ffn(i, L, h, None)  # residual, the lone decode step's feed-forward
 
         x = self._norm(x, self.tensors["norm.weight"], self.tensors.get("norm.bias"))  # [B,1,D]
         logits = ops.linear(x, self.output_weight)  # [B,1,D] @ [D,V] -> [B,1,V]
