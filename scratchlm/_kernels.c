@@ -327,10 +327,10 @@ AVX2 __m256i q5_bytes(const uint8_t *qh_p, const uint8_t *qs) {  /* Q5: nibbles 
 }
 
 /* A chunk's weights as the integer dot products want them, decoded once for every row of x:
-   u: 32 unsigned bytes (Q8_0: its signed bytes, multiplied as |w| against x with w's sign),
+   u: 32 unsigned bytes (Q8_0: |w|, multiplied against x given w's sign from sg),
    s: the 8 lanes' weight scales, m0, m1: the offsets per 16 weights (times the sums of x over them). */
 typedef struct {
-    __m256i u;
+    __m256i u, sg;
     __m256 s;
     float m0, m1;
 } wchunk;
@@ -339,7 +339,8 @@ typedef struct {
 
 AVX2 void wdec_q8_0(const uint8_t *row, long c, wchunk *w) {
     const uint8_t *b = row + 34 * c;
-    w->u = _mm256_loadu_si256((const __m256i *)(b + 2));
+    w->sg = _mm256_loadu_si256((const __m256i *)(b + 2));
+    w->u = _mm256_sign_epi8(w->sg, w->sg);  /* |w|, once for every row of x */
     w->s = _mm256_set1_ps(fp16(b));
     w->m0 = w->m1 = 0.0f;
 }
@@ -410,9 +411,8 @@ AVX2 void wdot(const wchunk *w, int SIGNED, int OFFSET, const int8_t *xq, const 
     __m256i x1 = _mm256_loadu_si256((const __m256i *)xq), x2 = _mm256_loadu_si256((const __m256i *)(xq + 32));
     __m256i u = w->u;
     if (SIGNED) {  /* signed x signed: |w| (unsigned) times each term of x with w's sign */
-        x1 = _mm256_sign_epi8(x1, u);
-        x2 = _mm256_sign_epi8(x2, u);
-        u = _mm256_sign_epi8(u, u);
+        x1 = _mm256_sign_epi8(x1, w->sg);
+        x2 = _mm256_sign_epi8(x2, w->sg);
     }
     /* 254 * (u . q1) + (u . q2), in units of d/254 (at most 4 * 63 * 127 * 255: no overflow);
        madd weighs q1's pair sums by 254 as it adds them */
