@@ -264,11 +264,18 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 # apostrophes and contraction letters, all whitespace kinds, emoji and joiners.
 _ALPHABET = st.sampled_from(list("aAsStTmMdDlLvVrReE'’ 0123456789.,;!?-_()[]{}<>|\\/\"#@$%^&*+=~`"
                                  "\t\n\r\x0b\x0c\u00a0\u2003\u3000中文日本語한국어éüßΩж١٢ह्\u200d👍🏽🇯🇵²½"))
+# Any text, but only characters assigned in Python's own Unicode database (14.0): the references classify
+# letters and digits by their own Unicode versions (tiktoken's Rust regex, HF tokenizers' engine, and the
+# `regex` module that our splitter follows, which knows Unicode 17), so a code point assigned since, such as
+# U+18D80 (a letter to `regex`, unassigned punctuation-like to tiktoken), splits differently between the
+# references themselves and no tokenizer can equal both.
+_ASSIGNED = st.characters(exclude_categories=("Cs", "Cn"))
 _TEXT = st.one_of(st.text(), st.text(_ALPHABET, max_size=80))
+_ASSIGNED_TEXT = st.one_of(st.text(_ASSIGNED), st.text(_ALPHABET, max_size=80))
 
 
 @settings(max_examples=300, deadline=None)
-@given(_TEXT)
+@given(_ASSIGNED_TEXT)
 def test_hypothesis_llama3_equals_tiktoken_and_roundtrips(ours, tt, text):
     ids = ours.encode(text)
     assert ids == tt.encode(text, disallowed_special=())
@@ -716,7 +723,7 @@ def test_char_classes_are_regex_classes():
 
 _KERNEL_ALPHABET = st.sampled_from(list("aAsStTmMdDlLvVrReE'’ 0123456789.,;!?-_()\"#\t\n\r\x0b\x0c\x85\x1c"
                                         "\u00a0\u2003\u3000\u017f中文éß١²½👍🏽\U00020000"))
-_KERNEL_TEXT = st.one_of(st.text(), st.text(_KERNEL_ALPHABET, max_size=120))
+_KERNEL_TEXT = st.one_of(st.text(_ASSIGNED), st.text(_KERNEL_ALPHABET, max_size=120))
 
 
 @settings(max_examples=400, deadline=None)
