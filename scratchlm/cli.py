@@ -83,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_dtype(p)
     _add_adapter(p)
-    p.add_argument("prompt", help="the text to continue ('' starts from BOS)")
+    p.add_argument("prompt", help="the text to continue ('' starts from BOS); for a seq2seq run, the source text")
     _add_sampling(p, 128)
+    p.add_argument("--beam", type=_positive_int, default=1,
+                   help="seq2seq runs only: beam-search width (default 1: greedy); the sampling options do not apply there")
 
     p = sub.add_parser("chat", help="talk to the model with its chat template (interactive; or one turn per stdin line)")
     _add_model(p)
@@ -122,12 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--json", action="store_true", help='print one JSON line: {"ppl", "ppl_stderr", "tokens"}')
 
-    p = sub.add_parser("train", help="train a small Llama or GPT-2 from scratch on a text file (or --resume a run)")
-    p.add_argument("--data", nargs="+", default=None, metavar="FILE", help="the training text file(s)")
+    p = sub.add_parser("train", help="train a small Llama, GPT-2 or encoder-decoder from scratch (or --resume a run)")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                   help="the training text file(s); with --arch seq2seq, TSV file(s) of source<TAB>target lines")
     p.add_argument("--out", default=None, metavar="DIR", help="the run directory to create")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     p.add_argument("--tokenizer", default="char", help="char, bpe:N (trained on the corpus) or a tokenizer/model path (default char)")
-    p.add_argument("--arch", choices=("llama", "gpt2"), default="llama", help="architecture (default llama)")
+    p.add_argument("--arch", choices=("llama", "gpt2", "seq2seq"), default="llama",
+                   help="architecture: a decoder (llama, gpt2) or the 2017 encoder-decoder (seq2seq: --layers each side, "
+                        "--context the longest source or target) (default llama)")
+    p.add_argument("--pre-ln", action="store_true", help="seq2seq only: pre-LN sublayers (default: post-LN, as in the paper)")
+    p.add_argument("--separate-embeddings", action="store_true",
+                   help="seq2seq only: separate source, target and output tables (default: one shared table)")
     p.add_argument("--layers", type=_positive_int, default=4, help="transformer blocks (default 4)")
     p.add_argument("--dim", type=_positive_int, default=128, help="model dimension D (default 128)")
     p.add_argument("--heads", type=_positive_int, default=4, help="attention heads H (default 4)")
@@ -243,7 +251,20 @@ def _stream(stream) -> None:
         print(f"[{stream.message}]", file=sys.stderr)
 
 
+def _seq2seq_run(path) -> bool:
+    if path is None:
+        return False
+    from .training.seq2seq_train import is_seq2seq_run
+    return is_seq2seq_run(path)
+
+
 def cmd_generate(a) -> int:
+    if _seq2seq_run(a.model):
+        from .training.seq2seq_train import load_run
+        print(load_run(a.model).translate(a.prompt, beam=a.beam, max_len=a.max_tokens))
+        return 0
+    if a.beam != 1:
+        raise ValueError("--beam applies to seq2seq runs only (decoder models sample: see --temperature)")
     model = _load(a)
     _stream(model.generate(a.prompt, stream=True, **_sampling_kwargs(a)))
     return 0
@@ -384,12 +405,17 @@ def _start_or_resume(a, run_cls, make_args, needs: str):
 
 
 def cmd_train(a) -> int:
+    from .training.seq2seq_train import Seq2SeqTrainer
     from .training.trainer import TrainArgs, Trainer
 
-    t = _start_or_resume(a, Trainer, lambda: TrainArgs(
+    seq2seq = _seq2seq_run(a.resume) if a.resume else a.arch == "seq2seq"
+    if not seq2seq and (a.pre_ln or a.separate_embeddings):
+        raise ValueError("--pre-ln and --separate-embeddings apply to --arch seq2seq only")
+    t = _start_or_resume(a, Seq2SeqTrainer if seq2seq else Trainer, lambda: TrainArgs(
         data=a.data, out=a.out, tokenizer=a.tokenizer, arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads,
         kv_heads=a.kv_heads or 0, context=a.context, batch=a.batch, accum=a.accum, steps=a.steps or 1000, lr=a.lr,
-        warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, seed=a.seed, threads=a.threads or 0),
+        warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, seed=a.seed, threads=a.threads or 0,
+        pre_ln=a.pre_ln, tie_embeddings=not a.separate_embeddings),
         "--data FILE and --out DIR")
     r = t.train()
     print(f"step {r['step']}: train loss {r.get('train_loss', float('nan')):.4f}, "

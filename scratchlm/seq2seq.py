@@ -458,8 +458,15 @@ def make_batch(pairs, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 # --- decoding ---------------------------------------------------------------------------------------
 
+def _never_pad_or_bos(scores, cfg):
+    """Scores [..., V] with padding and BOS at -inf: neither is ever an output (the other scores, log-probs
+    of the full softmax, stay what the model says)."""
+    scores[..., [cfg.pad_id, cfg.bos_id]] = -np.inf
+    return scores
+
+
 def greedy_decode(w, cfg, src_ids, max_len: int | None = None) -> list[int]:
-    """The most likely next token, one at a time, until EOS or max_len tokens: source ids -> target ids
+    """The most likely next token (never padding or BOS), one at a time, until EOS or max_len tokens: source ids -> target ids
     (without BOS / EOS). The encoder runs once; the decoder reruns on the growing prefix (no cache:
     targets here are a few dozen tokens)."""
     max_len = cfg.max_seq_len - 1 if max_len is None else max_len
@@ -470,7 +477,7 @@ def greedy_decode(w, cfg, src_ids, max_len: int | None = None) -> list[int]:
     while len(out) <= max_len:
         tgt = np.asarray([out], np.int64)  # [1,t]
         logits = decode(w, cfg, tgt, np.zeros(tgt.shape, bool), mem, src_pad)  # [1,t,V]
-        nxt = int(np.argmax(logits[0, -1]))
+        nxt = int(np.argmax(_never_pad_or_bos(logits[0, -1].astype(np.float64), cfg)))
         if nxt == cfg.eos_id:
             break
         out.append(nxt)
@@ -498,7 +505,7 @@ def beam_search(w, cfg, src_ids, beam: int = 4, max_len: int | None = None) -> l
         tgt = np.asarray([s for s, _ in live], np.int64)  # [n,t]: all live hypotheses have one length
         mem = np.broadcast_to(mem1, (n, *mem1.shape[1:]))  # [n,S,D]
         logits = decode(w, cfg, tgt, np.zeros(tgt.shape, bool), mem, np.broadcast_to(src_pad, (n, src.shape[1])))
-        logp = ops.log_softmax(logits[:, -1].astype(np.float64))  # [n,V]
+        logp = _never_pad_or_bos(ops.log_softmax(logits[:, -1].astype(np.float64)), cfg)  # [n,V]
         total = np.asarray([sc for _, sc in live])[:, None] + logp  # [n,V]: every extension's score
         flat = np.argsort(-total, axis=None, kind="stable")[:beam]  # the best `beam` of n*V
         nxt = []
@@ -570,4 +577,6 @@ def exact_match(model: Seq2Seq, pairs, beam: int = 1) -> float:
     """Fraction of (source, target) text pairs whose output equals the target exactly."""
     if not pairs:
         raise ValueError("no pairs to score")
-    return sum(model.translate(s, beam=beam) == t for s, t in pairs) / len(pairs)
+    # an output can only equal its target if it ends (EOS) within len(target) + 1 tokens: decoding stops there
+    return sum(model.translate(s, beam=beam, max_len=len(model.tokenizer.encode(t)) + 1) == t
+               for s, t in pairs) / len(pairs)
