@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="the .gguf file or the directory to write")
     p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight precision (default f32)")
 
-    p = sub.add_parser("explain", help="walk through one forward pass step by step, with real shapes and values")
+    p = sub.add_parser("explain", help="walk through one forward pass step by step, with real shapes and values "
+                                        "(a seq2seq run: encoder, decoder and cross-attention)")
     _add_model(p)
     _add_dtype(p)
     p.add_argument("prompt", help="the text to run through the model")
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_positive_int, default=10, help="how many next tokens to list (default 10)")
     p.add_argument("--lang", choices=["en", "zh"], default="en", help="language of the explanation (default en)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="write DIR/report.html: attention heatmaps, RoPE angles, logit lens, KV-cache timing")
+                   help="write DIR/report.html: attention heatmaps, RoPE angles, logit lens, KV-cache timing "
+                        "(for a seq2seq run: DIR/cross_attention.png, the cross-attention maps)")
     p.add_argument("--max-tokens", type=_positive_int, default=64,
                    help="refuse longer prompts (attention maps grow with its square; default 64)")
 
@@ -433,6 +435,11 @@ def cmd_explain(a) -> int:
         raise PromptError("empty prompt: give some text to explain")
     if a.out is not None:
         check_writable(a.out)  # fail before loading the model
+    if _seq2seq_run(a.model):
+        from .explain.seq2seq import explain_seq2seq
+        from .training.seq2seq_train import load_run
+        explain_seq2seq(load_run(a.model), a.prompt, layer=a.layer, head=a.head, top=a.top, lang=a.lang, out=a.out)
+        return 0
     explain(_load(a), a.prompt, layer=a.layer, head=a.head, top=a.top, lang=a.lang, out=a.out,
             max_tokens=a.max_tokens)
     return 0

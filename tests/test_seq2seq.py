@@ -262,6 +262,25 @@ def test_training_learns_and_cli_decodes(tmp_path, capsys):
     assert main(["generate", "-m", str(run), "abc", "--beam", "3"]) == 0
     assert capsys.readouterr().out.strip()
 
+    # explain walks the same model: its recorded forward is the model's, in both languages
+    from scratchlm.explain.seq2seq import build
+    from scratchlm.training.seq2seq_train import load_run
+    model = load_run(run)
+    w = build(model, "abc", layer=0, head=1)
+    assert w.target_ids[1:] == greedy_decode(model.weights, model.config, model.tokenizer.encode("abc"))
+    cross = w.rec["decoder.layers.0.multihead_attn.probs"]  # [1,H,T,S]
+    assert cross.shape == (1, 2, len(w.target_ids), 3)
+    np.testing.assert_allclose(cross.sum(-1), 1.0, rtol=1e-5)
+    ref = model.forward(np.asarray([w.ids]), np.asarray([w.target_ids]))
+    np.testing.assert_array_equal(w.logits, ref)
+    for lang, title in (("en", "cross-attention to the source"), ("zh", "交叉注意力")):
+        assert main(["explain", "-m", str(run), "abc", "--lang", lang, "--out", str(tmp_path / lang)]) == 0
+        text = capsys.readouterr().out
+        assert title in text and "8/8" in text
+        assert (tmp_path / lang / "cross_attention.png").stat().st_size > 1000
+    assert main(["explain", "-m", str(run), "abc", "--layer", "3"]) == 1
+    assert "--layer 3 does not exist" in capsys.readouterr().err
+
 
 def test_tsv_line_without_tab_is_a_one_line_error(tmp_path, capsys):
     from scratchlm.cli import main
