@@ -226,7 +226,8 @@ def _add_run_options(p: argparse.ArgumentParser, save_every: int, quiet: str) ->
                    help=f"checkpoint every N steps (default {save_every})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's)")
+                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's; "
+                        "--arch seq2seq trains on one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help=quiet)
 
@@ -407,13 +408,12 @@ def _start_or_resume(a, run_cls, make_args, needs: str):
 
 
 def cmd_train(a) -> int:
-    from .training.seq2seq_train import Seq2SeqTrainer
-    from .training.trainer import TrainArgs, Trainer
+    from .training.trainer import TrainArgs, Trainer  # Trainer hands a seq2seq run to seq2seq_train.Seq2SeqTrainer
 
     seq2seq = _seq2seq_run(a.resume) if a.resume else a.arch == "seq2seq"
     if not seq2seq and (a.pre_ln or a.separate_embeddings):
         raise ValueError("--pre-ln and --separate-embeddings apply to --arch seq2seq only")
-    t = _start_or_resume(a, Seq2SeqTrainer if seq2seq else Trainer, lambda: TrainArgs(
+    t = _start_or_resume(a, Trainer, lambda: TrainArgs(
         data=a.data, out=a.out, tokenizer=a.tokenizer, arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads,
         kv_heads=a.kv_heads or 0, context=a.context, batch=a.batch, accum=a.accum, steps=a.steps or 1000, lr=a.lr,
         warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, seed=a.seed, threads=a.threads or 0,

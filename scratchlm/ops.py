@@ -736,11 +736,6 @@ def padding_mask(pad, dtype=np.float32):
     return xp.astype(m, dtype)[:, None, None, None, :]  # [B,S] -> [B,1,1,1,S]
 
 
-def causal_mask(T: int, dtype=np.float32) -> np.ndarray:
-    """[T, T] additive mask: 0 on and below the diagonal, -inf above (a query never sees later keys)."""
-    return np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
-
-
 def relu(x):
     """max(x, 0): the original Transformer's (and torch.nn.Transformer's default) FFN activation."""
     return array_namespace(x).maximum(x, 0)

@@ -336,7 +336,7 @@ def decode(w, cfg, tgt, tgt_pad, mem, src_pad, record=None, keep: list | None = 
     pe = ops.sinusoidal_encoding(tgt.shape[1], cfg.dim, mem.dtype)  # [T,D]
     x = embed(w, tgt_table(cfg), tgt, pe)  # [B,T,D]
     T = tgt.shape[1]
-    self_mask = ops.causal_mask(T, x.dtype) + ops.padding_mask(tgt_pad, x.dtype)  # [T,T] + [B,1,1,1,T] -> [B,1,1,T,T]
+    self_mask = ops.causal_mask(T, T).astype(x.dtype) + ops.padding_mask(tgt_pad, x.dtype)  # [T,T] + [B,1,1,1,T] -> [B,1,1,T,T]
     cross_mask = ops.padding_mask(src_pad, x.dtype)  # [B,1,1,1,S]
     if record is not None:
         record("decoder.embedding+pos", x)
@@ -566,6 +566,8 @@ class Seq2Seq:
     def translate(self, text: str, beam: int = 1, max_len: int | None = None) -> str:
         """The model's output for a source text: greedy (beam 1) or the best beam-search hypothesis."""
         ids = self.encode_text(text)
+        longest = self.config.max_seq_len - 1  # the longest output training showed it (BOS takes a position)
+        max_len = longest if max_len is None else min(max_len, longest)
         if beam == 1:
             out = greedy_decode(self.weights, self.config, ids, max_len)
         else:

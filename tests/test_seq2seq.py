@@ -280,6 +280,8 @@ def test_training_learns_and_cli_decodes(tmp_path, capsys):
         assert (tmp_path / lang / "cross_attention.png").stat().st_size > 1000
     assert main(["explain", "-m", str(run), "abc", "--layer", "3"]) == 1
     assert "--layer 3 does not exist" in capsys.readouterr().err
+    assert main(["info", "-m", str(run)]) == 1  # the decoder-only commands say what a seq2seq run is for
+    assert "an encoder-decoder (seq2seq) run" in capsys.readouterr().err
 
 
 def test_tsv_line_without_tab_is_a_one_line_error(tmp_path, capsys):

@@ -219,6 +219,8 @@ class Seq2SeqTrainer(Trainer):
     @classmethod
     def resume(cls, run_dir, steps: int | None = None, threads: int | None = None, **kw) -> "Seq2SeqTrainer":
         run_dir = Path(run_dir)
+        if not is_seq2seq_run(run_dir):
+            raise FormatError(f"{run_dir}: not a seq2seq training run directory")
         ck.check_writable(run_dir)
         cfg, train = read_run_config(run_dir)
         args = TrainArgs.from_dict(train)

@@ -288,6 +288,9 @@ class Trainer(RunLog):
     @classmethod
     def new(cls, args: TrainArgs, **kw) -> "Trainer":
         """Start a run: encode the corpus, build the tokenizer and a freshly initialised model."""
+        if args.arch == "seq2seq" and cls is Trainer:  # the encoder-decoder has its own data and model
+            from .seq2seq_train import Seq2SeqTrainer
+            return Seq2SeqTrainer.new(args, **kw)
         args.validate()
         out = ck.check_writable(args.out)
         if ck.is_run_dir(out) or (out / "latest").exists():
@@ -316,6 +319,9 @@ class Trainer(RunLog):
         run_dir = Path(run_dir)
         if not ck.is_run_dir(run_dir):
             raise FormatError(f"{run_dir}: not a training run directory (no {ck.RUN_MARKER})")
+        from .seq2seq_train import Seq2SeqTrainer, is_seq2seq_run
+        if cls is Trainer and is_seq2seq_run(run_dir):
+            return Seq2SeqTrainer.resume(run_dir, steps, threads, **kw)
         ck.check_writable(run_dir)
         cfg, train = ck.read_run_config(run_dir)
         args = TrainArgs.from_dict(train)
