@@ -79,8 +79,8 @@ def build_tokenizer(pairs):
 class PairData:
     """Encoded pairs and their deterministic split: train = the first 1 - val_fraction, val = the rest."""
 
-    def __init__(self, pairs, tokenizer, val_fraction: float):
-        self.pairs = list(pairs)
+    def __init__(self, pairs, tokenizer, val_fraction: float, eos_id: int):
+        self.pairs, self.eos_id = list(pairs), eos_id
         self.encoded = [(tokenizer.encode(s), tokenizer.encode(t)) for s, t in self.pairs]
         n_val = int(round(len(self.pairs) * val_fraction))
         if n_val < 1 or n_val >= len(self.pairs):
@@ -211,8 +211,7 @@ class Seq2SeqTrainer(Trainer):
 
     @staticmethod
     def _data(pairs, tok, cfg, args) -> PairData:
-        data = PairData(pairs, tok, args.val_fraction)
-        data.eos_id = cfg.eos_id
+        data = PairData(pairs, tok, args.val_fraction, cfg.eos_id)
         data.check_context(args.context)
         return data
 
