@@ -83,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_dtype(p)
     _add_adapter(p)
-    p.add_argument("prompt", help="the text to continue ('' starts from BOS)")
+    p.add_argument("prompt", help="the text to continue ('' starts from BOS); for a seq2seq run, the source text")
     _add_sampling(p, 128)
+    p.add_argument("--beam", type=_positive_int, default=1,
+                   help="seq2seq runs only: beam-search width (default 1: greedy); the sampling options do not apply there")
 
     p = sub.add_parser("chat", help="talk to the model with its chat template (interactive; or one turn per stdin line)")
     _add_model(p)
@@ -122,12 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--json", action="store_true", help='print one JSON line: {"ppl", "ppl_stderr", "tokens"}')
 
-    p = sub.add_parser("train", help="train a small Llama or GPT-2 from scratch on a text file (or --resume a run)")
-    p.add_argument("--data", nargs="+", default=None, metavar="FILE", help="the training text file(s)")
+    p = sub.add_parser("train", help="train a small Llama, GPT-2 or encoder-decoder from scratch (or --resume a run)")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                   help="the training text file(s); with --arch seq2seq, TSV file(s) of source<TAB>target lines")
     p.add_argument("--out", default=None, metavar="DIR", help="the run directory to create")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     p.add_argument("--tokenizer", default="char", help="char, bpe:N (trained on the corpus) or a tokenizer/model path (default char)")
-    p.add_argument("--arch", choices=("llama", "gpt2"), default="llama", help="architecture (default llama)")
+    p.add_argument("--arch", choices=("llama", "gpt2", "seq2seq"), default="llama",
+                   help="architecture: a decoder (llama, gpt2) or the 2017 encoder-decoder (seq2seq: --layers each side, "
+                        "--context the longest source or target) (default llama)")
+    p.add_argument("--pre-ln", action="store_true", help="seq2seq only: pre-LN sublayers (default: post-LN, as in the paper)")
+    p.add_argument("--separate-embeddings", action="store_true",
+                   help="seq2seq only: separate source, target and output tables (default: one shared table)")
     p.add_argument("--layers", type=_positive_int, default=4, help="transformer blocks (default 4)")
     p.add_argument("--dim", type=_positive_int, default=128, help="model dimension D (default 128)")
     p.add_argument("--heads", type=_positive_int, default=4, help="attention heads H (default 4)")
@@ -147,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="the .gguf file or the directory to write")
     p.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="weight precision (default f32)")
 
-    p = sub.add_parser("explain", help="walk through one forward pass step by step, with real shapes and values")
+    p = sub.add_parser("explain", help="walk through one forward pass step by step, with real shapes and values "
+                                        "(a seq2seq run: encoder, decoder and cross-attention)")
     _add_model(p)
     _add_dtype(p)
     p.add_argument("prompt", help="the text to run through the model")
@@ -156,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_positive_int, default=10, help="how many next tokens to list (default 10)")
     p.add_argument("--lang", choices=["en", "zh"], default="en", help="language of the explanation (default en)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="write DIR/report.html: attention heatmaps, RoPE angles, logit lens, KV-cache timing")
+                   help="write DIR/report.html: attention heatmaps, RoPE angles, logit lens, KV-cache timing "
+                        "(for a seq2seq run: DIR/cross_attention.png, the cross-attention maps)")
     p.add_argument("--max-tokens", type=_positive_int, default=64,
                    help="refuse longer prompts (attention maps grow with its square; default 64)")
 
@@ -216,7 +226,8 @@ def _add_run_options(p: argparse.ArgumentParser, save_every: int, quiet: str) ->
                    help=f"checkpoint every N steps (default {save_every})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's)")
+                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's; "
+                        "--arch seq2seq trains on one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help=quiet)
 
@@ -243,7 +254,20 @@ def _stream(stream) -> None:
         print(f"[{stream.message}]", file=sys.stderr)
 
 
+def _seq2seq_run(path) -> bool:
+    if path is None:
+        return False
+    from .training.seq2seq_train import is_seq2seq_run
+    return is_seq2seq_run(path)
+
+
 def cmd_generate(a) -> int:
+    if _seq2seq_run(a.model):
+        from .training.seq2seq_train import load_run
+        print(load_run(a.model).translate(a.prompt, beam=a.beam, max_len=a.max_tokens))
+        return 0
+    if a.beam != 1:
+        raise ValueError("--beam applies to seq2seq runs only (decoder models sample: see --temperature)")
     model = _load(a)
     _stream(model.generate(a.prompt, stream=True, **_sampling_kwargs(a)))
     return 0
@@ -384,12 +408,16 @@ def _start_or_resume(a, run_cls, make_args, needs: str):
 
 
 def cmd_train(a) -> int:
-    from .training.trainer import TrainArgs, Trainer
+    from .training.trainer import TrainArgs, Trainer  # Trainer hands a seq2seq run to seq2seq_train.Seq2SeqTrainer
 
+    seq2seq = _seq2seq_run(a.resume) if a.resume else a.arch == "seq2seq"
+    if not seq2seq and (a.pre_ln or a.separate_embeddings):
+        raise ValueError("--pre-ln and --separate-embeddings apply to --arch seq2seq only")
     t = _start_or_resume(a, Trainer, lambda: TrainArgs(
         data=a.data, out=a.out, tokenizer=a.tokenizer, arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads,
         kv_heads=a.kv_heads or 0, context=a.context, batch=a.batch, accum=a.accum, steps=a.steps or 1000, lr=a.lr,
-        warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, seed=a.seed, threads=a.threads or 0),
+        warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, seed=a.seed, threads=a.threads or 0,
+        pre_ln=a.pre_ln, tie_embeddings=not a.separate_embeddings),
         "--data FILE and --out DIR")
     r = t.train()
     print(f"step {r['step']}: train loss {r.get('train_loss', float('nan')):.4f}, "
@@ -407,6 +435,11 @@ def cmd_explain(a) -> int:
         raise PromptError("empty prompt: give some text to explain")
     if a.out is not None:
         check_writable(a.out)  # fail before loading the model
+    if _seq2seq_run(a.model):
+        from .explain.seq2seq import explain_seq2seq
+        from .training.seq2seq_train import load_run
+        explain_seq2seq(load_run(a.model), a.prompt, layer=a.layer, head=a.head, top=a.top, lang=a.lang, out=a.out)
+        return 0
     explain(_load(a), a.prompt, layer=a.layer, head=a.head, top=a.top, lang=a.lang, out=a.out,
             max_tokens=a.max_tokens)
     return 0

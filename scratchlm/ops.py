@@ -708,3 +708,40 @@ def linear_backward(dy, x, w, bias: bool = False, weight_grad: bool = True):
     dw = xp.permute_dims(dy2, (1, 0)) @ x2 if weight_grad else None  # [out,N] @ [N,in] -> [out,in]
     db = _column_sums(dy2) if bias else None  # [N,out] -> [out]
     return dx, dw, db
+
+
+# --- the encoder-decoder Transformer's extra pieces (seq2seq.py) ---------------------------------
+
+def sinusoidal_encoding(T: int, D: int, dtype=np.float32) -> np.ndarray:
+    """The fixed positional encoding of "Attention Is All You Need": [T, D], with
+    pe[t, 2i] = sin(t / 10000^(2i/D)) and pe[t, 2i+1] = cos(t / 10000^(2i/D)).
+    It has no parameters, so its backward is nothing: the gradient stops at the sum embedding + pe.
+    Computed in float64 and rounded once, so float32 and float64 models see the same table."""
+    if D % 2:
+        raise ValueError(f"the sinusoidal encoding needs an even model dimension, got {D}")
+    inv_freq = np.exp(np.arange(0, D, 2, dtype=np.float64) * (-math.log(10000.0) / D))  # [D/2]: 10000^(-2i/D)
+    angle = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]  # [T,1] * [1,D/2] -> [T,D/2]
+    pe = np.empty((T, D), np.float64)
+    pe[:, 0::2] = np.sin(angle)
+    pe[:, 1::2] = np.cos(angle)
+    return pe.astype(dtype)
+
+
+def padding_mask(pad, dtype=np.float32):
+    """An additive attention mask from key padding flags pad [B, S] (True where the key is padding):
+    [B, 1, 1, 1, S], -inf on padded keys, to add to attention()'s scores [B, K, G, T, S]. A query row
+    must keep one real key (every sequence here starts with a real token), or its softmax is 0/0."""
+    xp = array_namespace(pad)
+    m = xp.where(pad, -math.inf, 0.0)  # [B,S]
+    return xp.astype(m, dtype)[:, None, None, None, :]  # [B,S] -> [B,1,1,1,S]
+
+
+def relu(x):
+    """max(x, 0): the original Transformer's (and torch.nn.Transformer's default) FFN activation."""
+    return array_namespace(x).maximum(x, 0)
+
+
+def relu_backward(dy, y):
+    """Gradient of relu from dy and the forward's output y: dy where y > 0, else 0."""
+    xp = array_namespace(y)
+    return xp.where(y > 0, dy, xp.zeros_like(dy))

@@ -335,6 +335,82 @@ MESSAGES: dict[str, dict[str, str]] = {
     "fig_seq_len": {"en": "positions the new token sees", "zh": "新词元可见的位置数"},
     "fig_ms_per_token": {"en": "ms per new token", "zh": "每个新词元的毫秒数"},
     "fig_kv_title": {"en": "Decoding time per token", "zh": "每个词元的解码时间"},
+
+    # --- the encoder-decoder (seq2seq.py) ---
+    "s2s_intro": {
+        "en": "The encoder-decoder reads the source {source} ({S} tokens), decodes an output, then runs one forward "
+              "pass of (source, BOS + output), recorded step by step. Layer {layer} of each side is shown, head {head} "
+              "where a single head is shown.",
+        "zh": "编码器-解码器读入源文本 {source}（{S} 个词元），先解码出输出，再对（源文本，BOS + 输出）做一次前向计算并逐步记录。"
+              "编码器和解码器各详细展示第 {layer} 层，需要单看一个注意力头时看第 {head} 个头。",
+    },
+    "s2s_step_model": {"en": "The encoder-decoder Transformer", "zh": "编码器-解码器 Transformer"},
+    "s2s_cfg_enc_layers": {"en": "encoder layers", "zh": "编码器层数"},
+    "s2s_cfg_dec_layers": {"en": "decoder layers", "zh": "解码器层数"},
+    "s2s_cfg_source_len": {"en": "source positions", "zh": "源序列位置数"},
+    "s2s_cfg_target_len": {"en": "target positions (BOS + output)", "zh": "目标序列位置数（BOS + 输出）"},
+    "s2s_cfg_norm": {"en": "LayerNorm placement", "zh": "LayerNorm 的位置"},
+    "s2s_cfg_embeddings": {"en": "embeddings", "zh": "嵌入表"},
+    "s2s_pre_ln": {"en": "pre-LN: x + f(LN(x))", "zh": "前置 LN：x + f(LN(x))"},
+    "s2s_post_ln": {"en": "post-LN as in the 2017 paper: LN(x + f(x))", "zh": "后置 LN（2017 年论文的做法）：LN(x + f(x))"},
+    "s2s_shared": {"en": "one table for source, target and output", "zh": "源、目标和输出共用一张表"},
+    "s2s_separate": {"en": "separate source, target and output tables", "zh": "源、目标和输出各用一张表"},
+    "s2s_model_note": {
+        "en": "The encoder turns the whole source into vectors at once; the decoder writes the output one token at a "
+              "time, reading its own earlier tokens (causal self-attention) and the encoder's vectors (cross-attention).",
+        "zh": "编码器一次性把整个源序列变成向量；解码器逐个词元地写出输出，既读自己之前写出的词元（因果自注意力），也读编码器的向量（交叉注意力）。",
+    },
+    "s2s_step_source": {"en": "Source tokens", "zh": "源序列词元"},
+    "s2s_col_piece": {"en": "token", "zh": "词元"},
+    "s2s_step_embed": {"en": "Embedding and sinusoidal positions", "zh": "嵌入与正弦位置编码"},
+    "s2s_embed_note": {
+        "en": "Attention alone does not know word order, so each position adds a fixed pattern of sines and cosines of "
+              "different wavelengths; there is nothing to learn in it. The √D brings the small embedding rows to the scale of PE.",
+        "zh": "注意力本身不知道词序，所以每个位置都加上一组不同波长的正弦和余弦，这部分是固定的，不需要学习。乘以 √D 是为了让较小的嵌入向量与位置编码的量级相当。",
+    },
+    "s2s_step_encoder": {"en": "Encoder layer {layer}: self-attention over the source", "zh": "编码器第 {layer} 层：源序列上的自注意力"},
+    "s2s_encoder_note": {
+        "en": "Every source position may look at every other one (no causal mask); only padding positions of a batch "
+              "are masked out. Residual-stream size after each layer:",
+        "zh": "每个源位置都可以看所有其他位置（没有因果掩码）；只有批次中的填充位置被屏蔽。各层输出后残差流的大小：",
+    },
+    "s2s_enc_layer_rms": {"en": "encoder layer {i}: rms {rms}", "zh": "编码器第 {i} 层：均方根 {rms}"},
+    "s2s_step_memory": {"en": "The encoder's output: the memory", "zh": "编码器的输出：记忆（memory）"},
+    "s2s_memory_note": {
+        "en": "Computed once per source; each of the {L} decoder layers projects it to its own keys and values.",
+        "zh": "每个源序列只算一次；解码器的 {L} 层各自把它投影成自己的键和值。",
+    },
+    "s2s_step_decoder": {"en": "Decoder layer {layer}: causal self-attention", "zh": "解码器第 {layer} 层：因果自注意力"},
+    "s2s_decoder_note": {
+        "en": "A target position sees only itself and earlier positions (the causal mask's -inf above the diagonal), "
+              "so training can score every position of a target in one pass without letting it read the answer.",
+        "zh": "目标位置只能看到自己和之前的位置（因果掩码在对角线上方是 -inf），所以训练时可以一次计算目标序列所有位置的损失，而不会让模型偷看答案。",
+    },
+    "s2s_step_cross": {"en": "Decoder layer {layer}: cross-attention to the source", "zh": "解码器第 {layer} 层：对源序列的交叉注意力"},
+    "s2s_cross_rows": {"en": "head {h}, rows = target positions (what the decoder has read), columns = source positions:",
+                       "zh": "第 {h} 个头，行 = 目标位置（解码器已读入的词元），列 = 源位置："},
+    "s2s_col_reads": {"en": "after reading", "zh": "读入"},
+    "s2s_col_looks_at": {"en": "looks most at", "zh": "最关注的源词元"},
+    "s2s_col_weight": {"en": "weight", "zh": "权重"},
+    "s2s_cross_note": {
+        "en": "Queries come from the decoder, keys and values from the memory: this is where the output reads the source. "
+              "The table gives, for each row, the source token this head weighs most; other heads and layers "
+              "(--head, --layer) divide the work differently.",
+        "zh": "查询来自解码器，键和值来自记忆：输出正是在这里读取源序列。表中列出每一行在这个头里权重最大的源词元；"
+              "其他头和层（--head、--layer）的分工各不相同。",
+    },
+    "s2s_step_output": {"en": "Output probabilities, position by position", "zh": "逐个位置的输出概率"},
+    "s2s_col_after": {"en": "after", "zh": "读入后"},
+    "s2s_col_chosen": {"en": "wrote", "zh": "写出"},
+    "s2s_col_top": {"en": "most likely", "zh": "最可能的词元"},
+    "s2s_output_note": {
+        "en": "The decoded output is {out} (beam width {beam}; 1 = greedy). Decoding stops at the end token.",
+        "zh": "解码结果是 {out}（束宽 {beam}；1 表示贪心解码）。遇到结束词元时停止。",
+    },
+    "s2s_fig_head": {"en": "head {h}", "zh": "第 {h} 个头"},
+    "s2s_fig_cross_title": {"en": "Cross-attention of decoder layer {layer} (rows: target, columns: source)",
+                            "zh": "解码器第 {layer} 层的交叉注意力（行：目标，列：源）"},
+    "s2s_png_written": {"en": "cross-attention maps written to {path}", "zh": "交叉注意力图已写入 {path}"},
 }
 
 

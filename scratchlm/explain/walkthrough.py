@@ -516,10 +516,10 @@ def _table_lines(header, rows) -> list[str]:
     return lines
 
 
-def render_text(w: Walkthrough, width: int = 100) -> str:
-    """The whole walkthrough as terminal text."""
+def render_text(w: Walkthrough, width: int = 100, intro: str | None = None) -> str:
+    """The whole walkthrough as terminal text (`intro`: another first paragraph, as seq2seq's)."""
     t = lambda key, **kw: msg(key, w.lang, **kw)  # noqa: E731
-    out = [t("intro", prompt=repr(w.prompt), T=len(w.ids), layer=w.layer, head=w.head), ""]
+    out = [intro if intro is not None else t("intro", prompt=repr(w.prompt), T=len(w.ids), layer=w.layer, head=w.head), ""]
     n = len(w.steps)
     for i, s in enumerate(w.steps, 1):
         head = f"━━ {i}/{n}  {s.title} "

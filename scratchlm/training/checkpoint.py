@@ -172,6 +172,10 @@ def read_run_config(run_dir) -> tuple[ModelConfig, dict]:
     cfg_json = read_json(run_dir / "config.json", "run config")
     if not isinstance(cfg_json, dict) or not isinstance(cfg_json.get("model"), dict):
         raise FormatError(f"{run_dir / 'config.json'}: expected {{'model': {{...}}, 'train': {{...}}}}")
+    if cfg_json["model"].get("arch") == "seq2seq":  # seq2seq_train.py reads those
+        from ..errors import UnsupportedError
+        raise UnsupportedError(f"{run_dir}: an encoder-decoder (seq2seq) run; `scratchlm generate -m` and "
+                               "`explain -m` run it, this command needs a decoder model")
     try:
         cfg = ModelConfig.from_dict(cfg_json["model"])
     except TypeError as e:

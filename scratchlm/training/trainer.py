@@ -45,13 +45,14 @@ class TrainArgs:
     data: list = field(default_factory=list)  # corpus file(s)
     out: str = ""
     tokenizer: str = "char"  # "char", "bpe:N" or a tokenizer/model path
-    arch: str = "llama"  # "llama" or "gpt2"
+    arch: str = "llama"  # "llama", "gpt2" or "seq2seq" (the encoder-decoder: seq2seq_train.py)
     layers: int = 4
     dim: int = 128
     heads: int = 4
     kv_heads: int = 0  # 0: same as heads (no grouped-query attention)
     ffn_dim: int = 0  # 0: 8D/3 rounded up to a multiple of 32 (llama), 4D (gpt2)
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # seq2seq: one table for source, target and output projection
+    pre_ln: bool = False  # seq2seq only: pre-LN sublayers instead of the paper's post-LN
     context: int = 128
     batch: int = 16
     accum: int = 1  # micro-batches per optimizer step (gradient accumulation)
@@ -85,8 +86,8 @@ class TrainArgs:
             v = getattr(self, n)
             if not isinstance(v, int) or v < 0 or v > 1 << 24:
                 raise ValueError(f"--{n.replace('_', '-')} must be a non-negative integer, got {v!r}")
-        if self.arch not in ("llama", "gpt2"):
-            raise UnsupportedError(f"--arch must be llama or gpt2, got {self.arch!r}")
+        if self.arch not in ("llama", "gpt2", "seq2seq"):
+            raise UnsupportedError(f"--arch must be llama, gpt2 or seq2seq, got {self.arch!r}")
         if self.dim % self.heads:
             raise ValueError(f"--dim ({self.dim}) must be a multiple of --heads ({self.heads})")
         if (self.dim // self.heads) % 2:
@@ -184,6 +185,12 @@ def accumulate_grads(model: Model, batches, threads: int = 1) -> tuple[float, di
     return loss / n, grads
 
 
+def _eval_line(ev: dict) -> str:
+    """'train 1.2345  val 1.3456', then any other measure of the evaluation (seq2seq's val_exact)."""
+    extra = "".join(f"  {k} {v:.4f}" for k, v in ev.items() if k not in ("train_loss", "val_loss"))
+    return f"train {ev['train_loss']:.4f}  val {ev['val_loss']:.4f}{extra}"
+
+
 class RunLog:
     """What every run directory's loop shares (training here, LoRA in finetune.py): messages, the
     JSONL log that a checkpoint records the length of, and the loss plot."""
@@ -266,7 +273,7 @@ class Trainer(RunLog):
         self.run_dir, self.args, self.model, self.data = Path(run_dir), args, model, data
         self.cfg = model.config
         self.opt = AdamW(model.weights, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.weight_decay)
-        self.sampler = BatchSampler(data.train, args.batch, args.context, args.seed)
+        self.sampler = self.make_sampler()
         self.step = 0
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.verbose = verbose
@@ -281,6 +288,9 @@ class Trainer(RunLog):
     @classmethod
     def new(cls, args: TrainArgs, **kw) -> "Trainer":
         """Start a run: encode the corpus, build the tokenizer and a freshly initialised model."""
+        if args.arch == "seq2seq" and cls is Trainer:  # the encoder-decoder has its own data and model
+            from .seq2seq_train import Seq2SeqTrainer
+            return Seq2SeqTrainer.new(args, **kw)
         args.validate()
         out = ck.check_writable(args.out)
         if ck.is_run_dir(out) or (out / "latest").exists():
@@ -309,6 +319,9 @@ class Trainer(RunLog):
         run_dir = Path(run_dir)
         if not ck.is_run_dir(run_dir):
             raise FormatError(f"{run_dir}: not a training run directory (no {ck.RUN_MARKER})")
+        from .seq2seq_train import Seq2SeqTrainer, is_seq2seq_run
+        if cls is Trainer and is_seq2seq_run(run_dir):
+            return Seq2SeqTrainer.resume(run_dir, steps, threads, **kw)
         ck.check_writable(run_dir)
         cfg, train = ck.read_run_config(run_dir)
         args = TrainArgs.from_dict(train)
@@ -335,7 +348,13 @@ class Trainer(RunLog):
         t.restore_log(state)
         return t
 
-    # --- pieces of the loop -------------------------------------------------------------------
+    # --- pieces of the loop (seq2seq_train.Seq2SeqTrainer replaces the data-shaped ones) ---------
+
+    def make_sampler(self):
+        return BatchSampler(self.data.train, self.args.batch, self.args.context, self.args.seed)
+
+    def describe_data(self) -> str:
+        return f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens"
 
     def lr(self, step: int) -> float:
         a = self.args
@@ -392,12 +411,12 @@ class Trainer(RunLog):
             result.update(base)
             self.log(dict(step=0, **base))
             self.say(f"{self.cfg.arch} {self.cfg.n_params / 1e6:.2f}M params, vocab {self.cfg.vocab_size}, "
-                     f"{len(self.data.train):,} train / {len(self.data.val):,} val tokens")
+                     f"{self.describe_data()}")
             self.say(f"baselines (val loss): uniform {base['uniform_loss']:.3f}  unigram {base['unigram_loss']:.3f}  "
                      f"bigram {base['bigram_loss']:.3f}")
             ev = self.evaluate()
             self.log(dict(step=0, **ev))
-            self.say(f"step 0: train {ev['train_loss']:.4f}  val {ev['val_loss']:.4f}")
+            self.say(f"step 0: {_eval_line(ev)}")
         else:
             base = next((r for r in self.history if "bigram_loss" in r), None)
             if base:
@@ -427,7 +446,7 @@ class Trainer(RunLog):
                     ev = self.evaluate()
                     result.update(ev)
                     self.log(dict(step=self.step, **ev))
-                    self.say(f"step {self.step}: train {ev['train_loss']:.4f}  val {ev['val_loss']:.4f}")
+                    self.say(f"step {self.step}: {_eval_line(ev)}")
                 if self.step % (a.sample_every or a.eval_every) == 0 or self.step == a.steps:
                     s = self.sample()
                     self.log({"step": self.step, "sample": s})
