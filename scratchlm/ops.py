@@ -546,7 +546,7 @@ def causal_attention(q, k, v, block: int = 64):
     # k^T / sqrt(Hd), row-major: the scores' scale rides on the copy that lays k^T out for BLAS
     kt = _c_contiguous(xp.permute_dims(k, (0, 1, 3, 2)), 1.0 / math.sqrt(Hd))[:, :, None]  # [B,K,1,Hd,T]
     vg = v[:, :, None]  # [B,K,1,T,Hd]
-    tri = xp.asarray(_diagonal_mask(block))  # [block, block]: the diagonal square's mask
+    tri = move(_diagonal_mask(block), q)  # [block, block]: the diagonal square's mask, on q's device and dtype
 
     def scores(a, b):
         s = qg[:, :, :, a:b] @ kt[..., :b]  # [B,K,G,b-a,Hd] @ [B,K,1,Hd,b] -> [B,K,G,b-a,b], fresh
