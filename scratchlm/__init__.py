@@ -51,7 +51,8 @@ def load(path=None, *, adapter=None, progress: bool | None = None, dtype: str | 
         model = Model(cfg, weights, tokenizer, info=info)
     else:
         from . import devices as dev
-        dev.make_plan(1, device, dtype, gpu_layers, stream_layers, devices)  # a bad combination fails before loading
+        n = devices.count(",") + 1 if devices else 1  # enough blocks for the check that runs before loading
+        dev.make_plan(n, device, dtype, gpu_layers, stream_layers, devices)  # a bad combination fails at once
         cfg, weights, tokenizer, info = load_checkpoint(path, progress=progress, dtype=None)  # stored types: converted below
         plan = dev.make_plan(cfg.n_layers, device, dtype, gpu_layers, stream_layers, devices)
         weights = dev.place_weights(weights, plan, progress=progress)

@@ -198,11 +198,13 @@ def test_cuda_without_a_gpu_is_one_line(capsys):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
-def test_devices_split_blocks_into_runs():
+def test_devices_split_blocks_into_runs(llama_dir, reference):
     plan = devices.make_plan(5, devices="torch-cpu,torch-cpu")
     assert plan.homes == [devices.Device("torch", "cpu")] * 5 and plan.dtype == "f32"
     with pytest.raises(UnsupportedError, match="2 devices for 1 blocks"):
         devices.make_plan(1, devices="torch-cpu,torch-cpu")
+    m = scratchlm.load(llama_dir, devices="torch-cpu,torch-cpu", progress=False)  # the one device twice: runs alike
+    assert rel_err(m.logits(IDS), reference[0]) < 1e-5
 
 
 # --- on a GPU ------------------------------------------------------------------------------------
