@@ -36,7 +36,8 @@ def _add_dtype(p: argparse.ArgumentParser) -> None:
                         "weights are dequantized to and computed in: f32, bf16 or f16 (stored = bf16 on cuda, "
                         "f32 on torch-cpu)")
     p.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32",
-                   help="what the KV cache stores keys and values in: f16 halves its memory (default f32)")
+                   help="what the KV cache stores keys and values in: f16 halves its memory (default f32: the "
+                        "compute dtype, bf16/f16 on a torch device in those)")
 
 
 def _add_device(p: argparse.ArgumentParser, placement: bool = True) -> None:
@@ -50,8 +51,9 @@ def _add_device(p: argparse.ArgumentParser, placement: bool = True) -> None:
     p.add_argument("--gpu-layers", type=int, default=None, metavar="N",
                    help="keep the first N blocks on --device and run the rest on the host in NumPy (llama.cpp's -ngl)")
     p.add_argument("--stream-layers", action="store_true",
-                   help="keep every block in host memory and copy each to --device for its turn, the next copy "
-                        "overlapping the current block (a model larger than the GPU's memory runs)")
+                   help="keep every block in host memory and copy each to --device for its turn (on CUDA from "
+                        "pinned memory, the next copy overlapping the current block): a model larger than the "
+                        "GPU's memory runs")
     p.add_argument("--devices", default=None, metavar="LIST",
                    help="split the blocks across devices as a pipeline, e.g. cuda:0,cuda:1 (instead of --device)")
 
@@ -131,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("--prompt-tokens", type=_positive_int, default=512, help="prefill length (default 512)")
     p.add_argument("--gen-tokens", type=_positive_int, default=128, help="tokens to decode (default 128)")
-    p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s")
+    p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s "
+                   "(and with a placement: compute and transfer ms and transfer MB per token)")
 
     p = sub.add_parser("perplexity", help="perplexity of a text file, computed the way llama.cpp's llama-perplexity does")
     _add_model(p)
