@@ -253,8 +253,10 @@ class BlockStream:
         return {s: getattr(L, s) for s in L.__slots__ if s not in skip and getattr(L, s, None) is not None}
 
     def _copy_in(self, L):
-        """Start copying host block L to the device; returns (device block, ready event or None)."""
+        """Start copying host block L to the device: (device block, its buffers, ready event or None)."""
         torch = _torch()
+        if len(self._events) > 512:  # a long generation: fold the old (long finished) copies' times in
+            self.collect()
         host = self._slots(L)
         bufs = self._pool.pop() if self._pool else None
         if bufs is not None and any(bufs[s].shape != t.shape for s, t in host.items() if s in bufs):

@@ -178,6 +178,24 @@ def test_cli_device_flags(run_dir, capsys):
         assert "blocks on torch-cpu" in out.err  # the placement is said
 
 
+def test_serve_on_placed_blocks(run_dir):
+    """The server's scheduler (chunked prefill, batched decode) on torch-cpu with streamed blocks: two
+    requests, each the text the NumPy model generates alone."""
+    from starlette.testclient import TestClient
+
+    from scratchlm.serve.app import create_app
+
+    ref = scratchlm.load(run_dir, progress=False)
+    m = scratchlm.load(run_dir, device="torch-cpu", dtype="f32", stream_layers=True, progress=False)
+    app = create_app(m, parallel=2)
+    with TestClient(app) as client:
+        for prompt in ("the ", "on t"):
+            r = client.post("/v1/completions", json={"prompt": prompt, "temperature": 0, "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == ref.generate(prompt, temperature=0, max_tokens=8)
+    assert m.stream.live == 0 and m.stream.copies_made == 2
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--gpu-layers", "2"], "need a torch device"),
     (["--device", "torch-cpu", "--gpu-layers", "2", "--stream-layers"], "not both"),
