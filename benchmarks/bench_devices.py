@@ -1,7 +1,7 @@
 """The same model on each device, side by side in one run: decode and prefill tok/s, a training step, and the
 layer-placement figures (--gpu-layers, --stream-layers: compute and transfer time per token).
 
-Rows: cpu (NumPy, the stored Q4_1 blocks and C kernels; and f32), torch-cpu f32 and bf16, and where a GPU is
+Rows: cpu (NumPy, the stored types, e.g. Q4_1 blocks and the C kernels; and f32), torch-cpu f32 and bf16, and where a GPU is
 present cuda bf16 / f16 / f32 with transformers (eager attention, bf16, the same GGUF) timed on the same GPU in
 the same run. The training step is a from-scratch Llama (4 blocks, D=256) forward + our backward on a
 [8, 128] batch, on each device. Prints a Markdown table (for NOTES.md) and writes the figures as JSON.
@@ -40,8 +40,9 @@ def transformers_row(path, P, G, device: str, dtype: str):
     path = Path(path)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()
-    m = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=tdt,
-                                             attn_implementation="eager").to(device).eval()
+    where = dict(pretrained_model_name_or_path=path) if path.is_dir() else dict(
+        pretrained_model_name_or_path=path.parent, gguf_file=path.name)  # a Hugging Face directory, or a GGUF
+    m = AutoModelForCausalLM.from_pretrained(**where, dtype=tdt, attn_implementation="eager").to(device).eval()
     sync()
     load_s = time.perf_counter() - t0
     ids = torch.tensor(np.random.default_rng(0).integers(100, 1000, P))[None].to(device)
@@ -98,7 +99,7 @@ def train_row(device: str, steps: int = 3):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--model", default=None, help="a GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--transformers", action="store_true",
@@ -129,7 +130,7 @@ def main():
         print(f"    {json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})}",
               file=sys.stderr, flush=True)
 
-    add("cpu (NumPy, stored Q4_1)", infer_row, path, P, G)
+    add("cpu (NumPy, stored types)", infer_row, path, P, G)
     add("cpu (NumPy, f32)", infer_row, path, P, G, dtype="f32")
     add("torch-cpu f32", infer_row, path, P, G, device="torch-cpu", dtype="f32")
     add("torch-cpu bf16", infer_row, path, P, G, device="torch-cpu", dtype="bf16")
