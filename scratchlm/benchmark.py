@@ -19,14 +19,24 @@ _TEXT = ("The history of computing is a story of people building machines to thi
 
 
 def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128, dtype: str | None = None,
-              kv_dtype: str | None = None) -> dict:
+              kv_dtype: str | None = None, device: str = "cpu", gpu_layers: int | None = None,
+              stream_layers: bool = False, devices: str | None = None, model=None) -> dict:
+    """Load (unless `model` is given), prefill `prompt_tokens`, decode `gen_tokens` greedily. With blocks
+    placed on devices, also the transfer time: the streamed blocks' copies (BlockStream) and the
+    activations' moves between devices (Traffic), per decoded token; compute = the rest of the time
+    (on CUDA the streamed copies overlap the compute, so there compute is the whole decode time)."""
     import scratchlm
+    from .devices import Traffic
     from .errors import PromptError
 
     t0 = time.perf_counter()
-    model = scratchlm.load(path, progress=False, dtype=dtype)
+    if model is None:
+        model = scratchlm.load(path, progress=False, dtype=dtype, device=device, gpu_layers=gpu_layers,
+                               stream_layers=stream_layers, devices=devices)
     model.kv_dtype = kv_dtype
     load_s = time.perf_counter() - t0
+    mixed = len({id(h) for h in model.homes + [model.head_home]}) > 1
+    model.traffic = Traffic() if mixed else None
 
     ctx = model.config.max_seq_len
     if prompt_tokens + gen_tokens > ctx:
@@ -43,10 +53,27 @@ def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128, dty
     tok = int(np.argmax(to_numpy(logits[0, -1])))
     prefill_s = time.perf_counter() - t0
 
+    stream, traffic = model.stream, model.traffic
+    for c in (stream, traffic):  # count the decode steps' transfers only
+        if c is not None:
+            c.reset_counters() if c is stream else c.__init__()
     t0 = time.perf_counter()
     for pos in range(prompt_tokens, prompt_tokens + gen_tokens):
         logits = model.forward(np.asarray([[tok]]), cache, pos, last_only=True)  # greedy decode step
         tok = int(np.argmax(to_numpy(logits[0, -1])))
     decode_s = time.perf_counter() - t0
-    return {"source": model.info.get("source"), "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
-            "prefill_tok_s": prompt_tokens / prefill_s, "decode_tok_s": gen_tokens / decode_s}
+    model.traffic = None
+    r = {"source": model.info.get("source"), "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
+         "prefill_tok_s": prompt_tokens / prefill_s, "decode_tok_s": gen_tokens / decode_s,
+         "placement": model.plan.describe() if model.plan is not None else "all blocks on cpu"}
+    if stream is not None or traffic is not None:
+        overlapped = stream is not None and stream.cuda
+        if stream is not None:
+            stream.collect()
+        transfer_s = (stream.transfer_s if stream is not None else 0.0) + (traffic.transfer_s if traffic else 0.0)
+        moved = (stream.transfer_bytes if stream is not None else 0) + (traffic.transfer_bytes if traffic else 0)
+        serial_s = transfer_s - (stream.transfer_s if overlapped else 0.0)  # what did not overlap the compute
+        r.update(transfer_ms_per_token=1e3 * transfer_s / gen_tokens,
+                 compute_ms_per_token=1e3 * (decode_s - serial_s) / gen_tokens,
+                 transfer_mb_per_token=moved / gen_tokens / 1e6, transfer_overlapped=overlapped)
+    return r

@@ -30,11 +30,32 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_dtype(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=("stored", "f32"), default="stored",
+    p.add_argument("--dtype", choices=("stored", "f32", "bf16", "f16"), default="stored",
                    help="weights as the file stores them (quantized blocks, fp16, bf16: less memory, faster "
-                        "decoding) or widened to f32 at load (default stored)")
+                        "decoding) or widened to f32 at load (default stored); on a torch device the dtype the "
+                        "weights are dequantized to and computed in: f32, bf16 or f16 (stored = bf16 on cuda, "
+                        "f32 on torch-cpu)")
     p.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32",
-                   help="what the KV cache stores keys and values in: f16 halves its memory (default f32)")
+                   help="what the KV cache stores keys and values in: f16 halves its memory (default f32: the "
+                        "compute dtype, bf16/f16 on a torch device in those)")
+
+
+def _add_device(p: argparse.ArgumentParser, placement: bool = True) -> None:
+    from .devices import DEVICES_HELP
+
+    if not placement:  # train / finetune: forward and backward there; weights and optimizer stay on the host
+        p.add_argument("--device", default=None, metavar="DEVICE",
+                       help=f"where forward and backward run: {DEVICES_HELP} (default cpu; with --resume: the run's)")
+        return
+    p.add_argument("--device", default="cpu", metavar="DEVICE", help=f"where the model runs: {DEVICES_HELP}")
+    p.add_argument("--gpu-layers", type=int, default=None, metavar="N",
+                   help="keep the first N blocks on --device and run the rest on the host in NumPy (llama.cpp's -ngl)")
+    p.add_argument("--stream-layers", action="store_true",
+                   help="keep every block in host memory and copy each to --device for its turn (on CUDA from "
+                        "pinned memory, the next copy overlapping the current block): a model larger than the "
+                        "GPU's memory runs")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="split the blocks across devices as a pipeline, e.g. cuda:0,cuda:1 (instead of --device)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -82,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt (raw text completion)")
     _add_model(p)
     _add_dtype(p)
+    _add_device(p)
     _add_adapter(p)
     p.add_argument("prompt", help="the text to continue ('' starts from BOS); for a seq2seq run, the source text")
     _add_sampling(p, 128)
@@ -91,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk to the model with its chat template (interactive; or one turn per stdin line)")
     _add_model(p)
     _add_dtype(p)
+    _add_device(p)
     _add_adapter(p)
     p.add_argument("--system", default=None, help="a system prompt")
     _add_sampling(p, 512)
@@ -98,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show the model's configuration, size, tokenizer and template")
     _add_model(p)
     _add_dtype(p)
+    _add_device(p)
 
     p = sub.add_parser("tokenize", help="show the token ids and pieces of a text")
     g = p.add_mutually_exclusive_group()
@@ -108,13 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time loading, prefill and decoding")
     _add_model(p)
     _add_dtype(p)
+    _add_device(p)
     p.add_argument("--prompt-tokens", type=_positive_int, default=512, help="prefill length (default 512)")
     p.add_argument("--gen-tokens", type=_positive_int, default=128, help="tokens to decode (default 128)")
-    p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s")
+    p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s "
+                   "(and with a placement: compute and transfer ms and transfer MB per token)")
 
     p = sub.add_parser("perplexity", help="perplexity of a text file, computed the way llama.cpp's llama-perplexity does")
     _add_model(p)
     _add_dtype(p)
+    _add_device(p)
     _add_adapter(p)
     p.add_argument("file", metavar="FILE", help="a UTF-8 text file")
     p.add_argument("--ctx", type=_positive_int, default=512, help="tokens per window (default 512)")
@@ -147,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default min(100, steps/10))")
     p.add_argument("--eval-every", type=_positive_int, default=100, help="evaluate every N steps (default 100)")
+    _add_device(p, placement=False)
     _add_run_options(p, save_every=100, quiet="print only the final losses")
 
     p = sub.add_parser("export", help="write a model or training run as GGUF (llama.cpp) or a Hugging Face directory")
@@ -159,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(a seq2seq run: encoder, decoder and cross-attention)")
     _add_model(p)
     _add_dtype(p)
+    _add_device(p)
     p.add_argument("prompt", help="the text to run through the model")
     p.add_argument("--layer", type=int, default=0, help="the layer shown in detail (default 0)")
     p.add_argument("--head", type=int, default=0, help="the query head shown in detail (default 0)")
@@ -173,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a model with LoRA on chat data (JSONL); writes a PEFT adapter")
     _add_model(p)
     _add_dtype(p)
+    _add_device(p, placement=False)
     p.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help='one conversation per line: {"messages": [...]} or {"prompt": ..., "response": ...}')
     p.add_argument("--out", default=None, metavar="DIR", help="the run directory (holds the adapter)")
@@ -207,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching) with a web chat page")
     _add_model(p)
     _add_dtype(p)
+    _add_device(p)
     _add_adapter(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free one)")
@@ -236,10 +267,19 @@ def _add_adapter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter directory (PEFT format) to apply")
 
 
+def _placement(a) -> dict:
+    """The load() keywords of --device, --gpu-layers, --stream-layers and --devices."""
+    return dict(device=getattr(a, "device", "cpu"), gpu_layers=getattr(a, "gpu_layers", None),
+                stream_layers=getattr(a, "stream_layers", False), devices=getattr(a, "devices", None))
+
+
 def _load(a, dtype: str | None = None):
     import scratchlm
     dtype = dtype or getattr(a, "dtype", "stored")
-    model = scratchlm.load(a.model, adapter=getattr(a, "adapter", None), dtype=None if dtype == "stored" else dtype)
+    model = scratchlm.load(a.model, adapter=getattr(a, "adapter", None), dtype=None if dtype == "stored" else dtype,
+                           **_placement(a))
+    if model.plan is not None:
+        print(f"[{model.plan.describe()}]", file=sys.stderr)
     model.kv_dtype = getattr(a, "kv_dtype", None)
     return model
 
@@ -366,15 +406,26 @@ def cmd_bench(a) -> int:
     from .benchmark import run_bench
 
     r = run_bench(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
-                  dtype=None if a.dtype == "stored" else a.dtype, kv_dtype=a.kv_dtype)
+                  dtype=None if a.dtype == "stored" else a.dtype, kv_dtype=a.kv_dtype, **_placement(a))
     if a.json:
-        print(json.dumps({"load_s": round(r["load_s"], 3), "prefill_tok_s": round(r["prefill_tok_s"], 2),
-                          "decode_tok_s": round(r["decode_tok_s"], 2)}))
+        out = {"load_s": round(r["load_s"], 3), "prefill_tok_s": round(r["prefill_tok_s"], 2),
+               "decode_tok_s": round(r["decode_tok_s"], 2)}
+        if "transfer_ms_per_token" in r:
+            out.update(placement=r["placement"], compute_ms_per_token=round(r["compute_ms_per_token"], 3),
+                       transfer_ms_per_token=round(r["transfer_ms_per_token"], 3),
+                       transfer_mb_per_token=round(r["transfer_mb_per_token"], 3),
+                       transfer_overlapped=r["transfer_overlapped"])
+        print(json.dumps(out))
     else:
         print(f"model    {r['source']}")
+        print(f"placed   {r['placement']}")
         print(f"load     {r['load_s']:.2f} s")
         print(f"prefill  {r['prefill_tok_s']:.1f} tok/s ({a.prompt_tokens} tokens in {r['prefill_s']:.2f} s)")
         print(f"decode   {r['decode_tok_s']:.1f} tok/s ({a.gen_tokens} tokens in {r['decode_s']:.2f} s)")
+        if "transfer_ms_per_token" in r:
+            note = ", overlapped with the compute" if r["transfer_overlapped"] else ""
+            print(f"per token: compute {r['compute_ms_per_token']:.2f} ms, transfer {r['transfer_ms_per_token']:.2f} ms "
+                  f"({r['transfer_mb_per_token']:.1f} MB{note})")
     return 0
 
 
@@ -401,7 +452,7 @@ def _start_or_resume(a, run_cls, make_args, needs: str):
     if a.resume:
         if a.data or a.out:
             raise ValueError("--resume DIR continues a run with its own data and output; drop --data/--out")
-        return run_cls.resume(a.resume, a.steps, threads=a.threads, **kw)
+        return run_cls.resume(a.resume, a.steps, threads=a.threads, device=a.device, **kw)
     if not a.data or not a.out:
         raise ValueError(f"{a.command} needs {needs} (or --resume DIR)")
     return run_cls.new(make_args(), **kw)
@@ -413,11 +464,13 @@ def cmd_train(a) -> int:
     seq2seq = _seq2seq_run(a.resume) if a.resume else a.arch == "seq2seq"
     if not seq2seq and (a.pre_ln or a.separate_embeddings):
         raise ValueError("--pre-ln and --separate-embeddings apply to --arch seq2seq only")
+    if seq2seq and (a.device or "cpu") != "cpu":
+        raise ValueError("--arch seq2seq trains with NumPy on the CPU only: leave out --device")
     t = _start_or_resume(a, Trainer, lambda: TrainArgs(
         data=a.data, out=a.out, tokenizer=a.tokenizer, arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads,
         kv_heads=a.kv_heads or 0, context=a.context, batch=a.batch, accum=a.accum, steps=a.steps or 1000, lr=a.lr,
         warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, seed=a.seed, threads=a.threads or 0,
-        pre_ln=a.pre_ln, tie_embeddings=not a.separate_embeddings),
+        pre_ln=a.pre_ln, tie_embeddings=not a.separate_embeddings, device=a.device or "cpu"),
         "--data FILE and --out DIR")
     r = t.train()
     print(f"step {r['step']}: train loss {r.get('train_loss', float('nan')):.4f}, "
@@ -459,7 +512,7 @@ def cmd_finetune(a) -> int:
     t = _start_or_resume(a, Finetuner, lambda: FinetuneArgs(
         data=a.data, out=a.out, base=a.model, rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
         epochs=a.epochs, steps=a.steps or 0, lr=a.lr, batch=a.batch, context=a.context, seed=a.seed,
-        save_every=a.save_every, threads=a.threads or 0, dtype=a.dtype),
+        save_every=a.save_every, threads=a.threads or 0, dtype=a.dtype, device=a.device or "cpu"),
         "--data FILE.jsonl and --out DIR")
     r = t.train()
     print(f"step {r['step']}: loss {r['loss'] if r['loss'] is not None else float('nan'):.4f}; adapter in {r['out']}")

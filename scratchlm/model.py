@@ -88,6 +88,37 @@ class Weights(MutableMapping):
         return f"Weights({len(self._t)} tensors)"
 
 
+def _home_of(a):
+    """An empty array standing for where `a` lives (its device) and computes (its float dtype): NumPy's float32,
+    or a torch tensor's own device and dtype. See devices.py."""
+    if isinstance(a, np.ndarray) or isinstance(a, QuantizedMatrix):
+        return np.empty(0, np.float32)
+    xp = ops.array_namespace(a)
+    return xp.empty((0,), dtype=a.dtype, device=ops.device(a))
+
+
+def _home_key(home) -> tuple:
+    return type(home), str(getattr(home, "device", "")), str(home.dtype)
+
+
+class _AtHome:
+    """The RoPE angles (cos, sin [T,Hd/2]) and the mask [T,S] of one forward, made on the host and moved once
+    to each home a block runs at; with NumPy's rotation as complex numbers (ops.rope_rotation) alongside."""
+
+    def __init__(self, cos, sin, mask):
+        self._host = (cos, sin, mask)
+        self._seen = {}
+
+    def at(self, home):
+        """(cos, sin, rot, mask) at `home` (rot None off NumPy; each None where the forward has none)."""
+        got = self._seen.get(id(home))  # homes are shared objects (Model.homes): one entry per device
+        if got is None:
+            cos, sin, mask = (None if a is None else ops.move(a, home) for a in self._host)
+            rot = None if cos is None else ops.rope_rotation(cos, sin)  # [T,1,Hd/2] complex on NumPy, else None
+            got = self._seen[id(home)] = (cos, sin, rot, mask)
+        return got
+
+
 class _Layer:
     """The arrays of one transformer block, fused for the forward pass."""
 
@@ -112,6 +143,14 @@ class Model:
         self.kv_dtype = None  # what new_cache stores keys and values in: None = the compute dtype, or "f16"
         self._inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         self._build_layers()
+        # where each block runs (devices.py): an empty array on its device in its dtype; the activations move
+        # there before it runs, its KV cache lives there. The embedding, final norm and head share one home.
+        homes = {}  # one object per distinct home: _AtHome moves the angles once to each
+        self.homes = [homes.setdefault(_home_key(h), h) for h in (_home_of(L.attn_norm_w) for L in self.layers)]
+        self.head_home = homes.setdefault(_home_key(h := _home_of(self.tensors["norm.weight"])), h)
+        self.plan = None  # the devices.Plan the model was placed by (load(device=...)), or None
+        self.stream = None  # a devices.BlockStream when blocks are streamed in for their turn
+        self.traffic = None  # a devices.Traffic to time the activations' moves between devices (bench), or None
 
     # --- weights ---------------------------------------------------------------------------
 
@@ -127,7 +166,7 @@ class Model:
                 return tuple(parts)
             fused = QuantizedMatrix.concat(parts)
         else:
-            fused = xp.concat(parts, axis=axis)
+            fused = ops.concat(parts, axis=axis)
         start = 0
         for n in names:
             size = w[n].shape[axis]
@@ -186,7 +225,7 @@ class Model:
         if isinstance(w, tuple):
             y = tuple(ops.linear(x, wk) for wk in w)  # [..., in] @ [in, out_k] -> [..., out_k] each
             if group != "w13":
-                y = self.xp.concat(y, axis=-1)  # [..., sum out_k]
+                y = ops.array_namespace(*y).concat(y, axis=-1)  # [..., sum out_k]
         else:
             y = ops.linear(x, w)  # [..., in] @ [in, out] -> [..., out], a fresh array
         if self.adapter is not None:
@@ -226,13 +265,11 @@ class Model:
         None: self.kv_dtype, by default the compute dtype float32)."""
         c = self.config
         max_len = min(int(max_len), c.max_seq_len)
-        emb = self.tensors["tok_embeddings.weight"]
-        like = np.empty(0, np.float32) if isinstance(emb, QuantizedMatrix) else emb
         dtype = dtype or self.kv_dtype
         if dtype not in (None, "f32", "f16"):
             raise ValueError(f"KV cache dtype must be f32 or f16, got {dtype!r}")
-        store = self.xp.float16 if dtype == "f16" else None
-        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, like, dtype=store)
+        store = "f16" if dtype == "f16" else None
+        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, self.homes, dtype=store)  # each block's at its home
 
     def _prefill_chunk(self, S: int) -> int:
         """Tokens per chunk of a prompt run through the cache when S positions are attended to."""
@@ -253,8 +290,9 @@ class Model:
         rec = recorder  # one None check per recording point when off
         # a recorder may say it drops the attention scores (the backward's does): then they are not copied out
         keep_scores = getattr(rec, "wants_scores", True)
-        xp, cfg = self.xp, self.config
-        ids = xp.asarray(ids)
+        cfg = self.config
+        ids = ops.move(ids, self.head_home)  # the token ids where the embedding table is
+        xp = ops.array_namespace(ids)
         B, T = ids.shape
         chunk = self._prefill_chunk(start_pos + T)
         if cache is not None and rec is None and T > chunk:  # a long prompt: chunk by chunk through the cache
@@ -265,7 +303,7 @@ class Model:
                 o = self.forward(ids[:, a:b], cache, start_pos + a, last_only=last_only, head=head and (last or not last_only))
                 if last or not last_only:
                     outs.append(o)
-            return outs[0] if len(outs) == 1 else xp.concat(outs, axis=1)  # [B,T,V] (or [B,1,V])
+            return outs[0] if len(outs) == 1 else ops.array_namespace(*outs).concat(outs, axis=1)  # [B,T,V] (or [B,1,V])
         D, H, K, Hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         S = start_pos + T
         if S > cfg.max_seq_len:
@@ -285,21 +323,24 @@ class Model:
                 rec("pos_embedding", pos)
                 rec("embedding+pos", x)
         else:
-            cos, sin = (xp.asarray(a) for a in ops.rope_cos_sin(self._inv_freq, start_pos, T))  # [T,Hd/2] each
-            rot = ops.rope_rotation(cos, sin)  # [T,1,Hd/2] complex on NumPy (None elsewhere), for every layer
+            cos, sin = ops.rope_cos_sin(self._inv_freq, start_pos, T)  # [T,Hd/2] each, on the host
             if rec is not None:
-                rec("rope.inv_freq", xp.asarray(self._inv_freq))
+                rec("rope.inv_freq", self._inv_freq)
                 rec("rope.cos", cos)
                 rec("rope.sin", sin)
         # a single new token sees every cached position: no mask needed
-        mask = None if T == 1 else xp.asarray(ops.causal_mask(T, S))  # [T,S]
+        mask = None if T == 1 else ops.causal_mask(T, S)  # [T,S], on the host
+        here = _AtHome(cos, sin, mask)  # the same, moved once to each home a block runs at
         # a whole sequence from position 0 (training, evaluation, a prompt's first chunk) skips the masked
         # future block by block, unless a recorder wants the full [T, S] scores and probabilities (explain)
         blocked = start_pos == 0 and T > self.attention_block and (rec is None or not keep_scores)
         if rec is not None and mask is not None:
             rec("mask", mask)
 
-        for i, L in enumerate(self.layers):
+        for i, L in self._blocks():
+            x = self._move(x, self.homes[i])  # the activations go to the block's device (a no-op when there)
+            xp = ops.array_namespace(x)
+            cos, sin, rot, mask = here.at(self.homes[i])
             r = None if rec is None else (lambda name, a, _p=f"layers.{i}.": rec(_p + name, a))
             # --- attention block ---
             h = self._norm(x, L.attn_norm_w, L.attn_norm_b)  # [B,T,D]
@@ -343,6 +384,7 @@ class Model:
             if r is not None:
                 r("residual_ffn", x)
 
+        x = self._move(x, self.head_home)
         if last_only:
             x = x[:, -1:]  # [B,1,D]
         x = self._norm(x, self.tensors["norm.weight"], self.tensors.get("norm.bias"))
@@ -384,22 +426,25 @@ class Model:
                 raise PromptError(f"position {p} is past the end of a KV cache of {c.max_len} positions")
         D, H, K, Hd = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         gpt2 = cfg.arch == "gpt2"
-        ids = xp.asarray(np.asarray(tokens, dtype=np.int64).reshape(B, 1))  # [B,1]
+        ids = ops.move(np.asarray(tokens, dtype=np.int64).reshape(B, 1), self.head_home)  # [B,1]
         x = ops.embedding(self.tensors["tok_embeddings.weight"], ids)  # [B,1] -> [B,1,D]
         if gpt2:
             pe = self.tensors["pos_embeddings.weight"]  # learned positions [ctx,D]
             where = np.asarray(positions)
-            pos = pe.take_rows(where) if isinstance(pe, QuantizedMatrix) else pe[xp.asarray(where)]  # [B,D]
-            x = x + xp.reshape(pos, (B, 1, D))
-            cos = sin = rot = None
+            pos = pe.take_rows(where) if isinstance(pe, QuantizedMatrix) else pe[ops.move(where, self.head_home)]  # [B,D]
+            x = x + ops.array_namespace(x).reshape(pos, (B, 1, D))
+            cos = sin = None
         else:
             # each sequence's own angles, made as the lone forward makes them (one position at a time)
             cs = [ops.rope_cos_sin(self._inv_freq, int(p), 1) for p in positions]  # B x ([1,Hd/2], [1,Hd/2])
-            cos = xp.asarray(np.concatenate([c for c, _ in cs]))  # [B,Hd/2]
-            sin = xp.asarray(np.concatenate([s for _, s in cs]))  # [B,Hd/2]
-            rot = ops.rope_rotation(cos, sin)  # [B,1,Hd/2]
+            cos = np.concatenate([c for c, _ in cs])  # [B,Hd/2]
+            sin = np.concatenate([s for _, s in cs])  # [B,Hd/2]
+        here = _AtHome(cos, sin, None)
 
-        for i, L in enumerate(self.layers):
+        for i, L in self._blocks():
+            x = self._move(x, self.homes[i])  # to the block's device
+            xp = ops.array_namespace(x)
+            cos, sin, rot, _ = here.at(self.homes[i])
             h = self._norm(x, L.attn_norm_w, L.attn_norm_b)  # [B,1,D]
             qkv = self._project(i, "qkv", h, L.wqkv, L.bqkv, None)  # [B,1,D] @ [D,(H+2K)*Hd] -> [B,1,(H+2K)*Hd]
             # the B sequences on the T axis ([1,B,...], the same memory): rope then gives row b angle b
@@ -422,9 +467,22 @@ class Model:
             h = self._norm(x, L.ffn_norm_w, L.ffn_norm_b)  # [B,1,D]
             x = x + self._ffn(i, L, h, None)  # residual, the lone decode step's feed-forward
 
+        x = self._move(x, self.head_home)
+        xp = ops.array_namespace(x)
         x = self._norm(x, self.tensors["norm.weight"], self.tensors.get("norm.bias"))  # [B,1,D]
         logits = ops.linear(x, self.output_weight)  # [B,1,D] @ [D,V] -> [B,1,V]
         return xp.reshape(logits, (B, cfg.vocab_size))  # [B,V]
+
+    def _move(self, x, home):
+        """ops.move, timed into self.traffic when one is set (scratchlm bench --gpu-layers / --devices)."""
+        if self.traffic is None:
+            return ops.move(x, home)
+        return self.traffic.timed_move(x, home)
+
+    def _blocks(self):
+        """(i, arrays of block i) in order: the resident blocks, or with streaming (devices.BlockStream) each
+        block's device copy, made just ahead of its turn."""
+        return enumerate(self.layers) if self.stream is None else self.stream.blocks(self.layers)
 
     def logits(self, ids) -> np.ndarray:
         """Logits [len(ids), V] float32 of a full causal forward without cache (for tests and tools)."""

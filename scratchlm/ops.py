@@ -64,8 +64,49 @@ def array_namespace(*xs):
     the general lookup costs ~9 us, paid by every op of a training step (~300 per chunk)."""
     if all(type(x) is np.ndarray for x in xs):
         return _NUMPY
+    if _TORCH_NS and all(type(x) is _TORCH_NS[0] for x in xs):  # torch tensors: the same answer, looked up once
+        return _TORCH_NS[1]
     from array_api_compat import array_namespace as _compat
-    return _compat(*xs)
+    ns = _compat(*xs)
+    if not _TORCH_NS and is_torch_array(xs[0]) and all(type(x) is type(xs[0]) for x in xs):
+        _TORCH_NS[:] = [type(xs[0]), ns]
+    return ns
+
+
+_TORCH_NS = []  # [torch.Tensor, its array_api_compat namespace] once a torch tensor has been seen
+
+
+def move(x, like):
+    """x on the device of `like` (an empty array standing for a block's home: devices.py), floats in its
+    dtype; x itself when it is there already. NumPy homes get a host float32 copy (sampling and the C
+    kernels read those); a NumPy x going to torch is copied, never shared."""
+    if type(x) is np.ndarray and type(like) is np.ndarray:
+        return x
+    if is_torch_array(like):
+        if is_torch_array(x):
+            if x.device == like.device and (x.dtype == like.dtype or not x.is_floating_point()):
+                return x
+        else:
+            torch = sys.modules["torch"]
+            x = torch.from_numpy(np.ascontiguousarray(x))
+            return x.to(device=like.device, dtype=like.dtype if x.is_floating_point() else x.dtype, copy=True)
+        return x.to(device=like.device, dtype=like.dtype if x.is_floating_point() else x.dtype)
+    if is_torch_array(x):
+        x = x.detach()
+        return (x.float() if x.is_floating_point() else x).cpu().numpy()
+    return np.asarray(x)
+
+
+def concat(parts, axis: int = 0):
+    """Arrays joined along `axis` (model.py's fused matrices). Torch tensors in page-locked host memory
+    (devices.py's streamed blocks) stay page-locked, so their copies to the GPU can run asynchronously."""
+    if is_torch_array(parts[0]) and parts[0].device.type == "cpu" and parts[0].is_pinned():
+        torch = sys.modules["torch"]
+        shape = list(parts[0].shape)
+        shape[axis] = sum(p.shape[axis] for p in parts)
+        out = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
+        return torch.cat(parts, dim=axis, out=out)
+    return array_namespace(*parts).concat(parts, axis=axis)
 
 
 # Speed note: on the CPU, element-wise work is bound by memory traffic. A fresh [.., D] result costs a
@@ -505,7 +546,7 @@ def causal_attention(q, k, v, block: int = 64):
     # k^T / sqrt(Hd), row-major: the scores' scale rides on the copy that lays k^T out for BLAS
     kt = _c_contiguous(xp.permute_dims(k, (0, 1, 3, 2)), 1.0 / math.sqrt(Hd))[:, :, None]  # [B,K,1,Hd,T]
     vg = v[:, :, None]  # [B,K,1,T,Hd]
-    tri = xp.asarray(_diagonal_mask(block))  # [block, block]: the diagonal square's mask
+    tri = move(_diagonal_mask(block), q)  # [block, block]: the diagonal square's mask, on q's device and dtype
 
     def scores(a, b):
         s = qg[:, :, :, a:b] @ kt[..., :b]  # [B,K,G,b-a,Hd] @ [B,K,1,Hd,b] -> [B,K,G,b-a,b], fresh

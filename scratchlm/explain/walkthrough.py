@@ -84,8 +84,7 @@ def record_forward(model, ids, layer: int = 0, keep_all: bool = False):
 def apply_output_head(model, x) -> np.ndarray:
     """The model's final norm and output head applied to a residual stream x [B,T,D] -> logits [B,T,V]
     (the logit lens: what the model would predict if it stopped after this layer)."""
-    xp = model.xp
-    x = xp.asarray(x)
+    x = ops.move(x, model.head_home)  # where the head is, in its dtype (devices.py)
     h = model._norm(x, model.weights["norm.weight"], model.weights.get("norm.bias"))  # [B,T,D]
     return to_numpy(ops.linear(h, model.output_weight))  # [B,T,D] @ [D,V] -> [B,T,V]
 

@@ -63,6 +63,10 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
     if wrt == "adapters" and ad is None:
         raise ValueError("wrt='adapters' needs LoRA adapters attached to the model (model.adapter)")
     base = wrt == "all"  # form the base weights' gradients
+    # the ids (and mask) where the embedding is: on a torch device, that device (devices.py)
+    input_ids, target_ids = ops.move(input_ids, model.head_home), ops.move(target_ids, model.head_home)
+    if loss_mask is not None:
+        loss_mask = ops.move(loss_mask, model.head_home)
     ids = _check_ids(xp, input_ids, "input_ids", None, cfg.vocab_size)
     tgt = _check_ids(xp, target_ids, "target_ids", ids.shape, cfg.vocab_size)
     B, T = ids.shape
@@ -142,6 +146,8 @@ def loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all
     dx = norm_backward(dxn, act[f"layers.{cfg.n_layers - 1}.residual_ffn"], "norm")  # [B,T,D]: gradient of the residual stream
 
     cos, sin = act.get("rope.cos"), act.get("rope.sin")  # the forward's rotation angles, [T,Hd/2] each (Llama)
+    if cos is not None:  # recorded on the host: to the blocks' device and dtype (a no-op on NumPy)
+        cos, sin = ops.move(cos, model.homes[0]), ops.move(sin, model.homes[0])
 
     for i in reversed(range(cfg.n_layers)):
         L, p = model.layers[i], f"layers.{i}."

@@ -238,11 +238,14 @@ class FinetuneArgs:
     save_every: int = 50
     plot: bool = True
     threads: int = 0  # threads sharing out each batch (parallel.py); 0: every usable core, fixed at start
-    dtype: str = "stored"  # the base's weights: as the file stores them (kept packed) or "f32"
+    dtype: str = "stored"  # the base's weights: as the file stores them (kept packed) or "f32"; bf16/f16 on torch
+    device: str = "cpu"  # where the base runs (devices.py); the adapters and AdamW stay on the host
 
     def validate(self) -> None:
-        if self.dtype not in ("stored", "f32"):
-            raise ValueError(f"--dtype must be stored or f32, got {self.dtype!r}")
+        if self.dtype not in ("stored", "f32", "bf16", "f16"):
+            raise ValueError(f"--dtype must be stored, f32, bf16 or f16, got {self.dtype!r}")
+        from ..devices import make_plan
+        make_plan(1, self.device, None if self.dtype == "stored" else self.dtype)  # a bad device/dtype: one line
         for k in ("rank", "epochs", "batch", "context", "save_every"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"--{k} must be at least 1, got {getattr(self, k)}")
@@ -293,7 +296,8 @@ class Finetuner(RunLog):
     def _load_base(args: FinetuneArgs):
         import scratchlm
 
-        return scratchlm.load(args.base, progress=False, dtype=None if args.dtype == "stored" else args.dtype)
+        return scratchlm.load(args.base, progress=False, dtype=None if args.dtype == "stored" else args.dtype,
+                              device=args.device)
 
     @classmethod
     def new(cls, args: FinetuneArgs, model=None, **kw) -> "Finetuner":
@@ -320,7 +324,8 @@ class Finetuner(RunLog):
         return cls(out, args, model, lora, rows, masks, report, **kw)
 
     @classmethod
-    def resume(cls, run_dir, steps: int | None = None, model=None, threads: int | None = None, **kw) -> "Finetuner":
+    def resume(cls, run_dir, steps: int | None = None, model=None, threads: int | None = None,
+               device: str | None = None, **kw) -> "Finetuner":
         """Continue a run from its latest checkpoint; `steps` is the new total; `threads` replaces the run's
         thread count (one that cuts batches otherwise draws other dropout masks)."""
         run_dir = Path(run_dir)
@@ -335,6 +340,8 @@ class Finetuner(RunLog):
             args.steps = steps
         if threads is not None:
             args.threads = threads
+        if device is not None:
+            args.device = device
         args.validate()
         ck.check_writable(run_dir)
         if model is None:

@@ -230,9 +230,15 @@ class LoRA:
             bits = np.frombuffer(rng.bytes(4 * x.size), np.uint32).reshape(x.shape)
             keep = bits >= np.uint32(min(round(self.dropout * 2.0 ** 32), 2 ** 32 - 1))  # [B,T,in] bool
             xd = x * np.float32(1.0 / (1.0 - self.dropout))
+        # the adapters are kept on the host (AdamW updates them there); on a torch device they, and the dropout
+        # mask, are copied to x's device and dtype for the product: r rows each, small next to the base matrix
+        A, Bm = ops.move(g.A, x), ops.move(g.B, x)
+        if keep is not None and not ops.is_numpy_array(x):
+            xd = xd * ops.move(keep, x)
+        elif keep is not None:
             xd *= keep
-        u = ops.linear(xd, g.A)  # [B,T,in] @ [in,n*r] -> [B,T,n*r]: every adapter of the group in one matmul
-        delta = ops.linear(u * self.scale, g.B)  # [B,T,n*r] @ [n*r,out_all] -> [B,T,out_all], each B into its rows
+        u = ops.linear(xd, A)  # [B,T,in] @ [in,n*r] -> [B,T,n*r]: every adapter of the group in one matmul
+        delta = ops.linear(u * self.scale, Bm)  # [B,T,n*r] @ [n*r,out_all] -> [B,T,out_all], each B into its rows
         if isinstance(out, tuple):  # the group's output in pieces side by side (the model's gate and up)
             lo = 0
             for o in out:
@@ -255,26 +261,28 @@ class LoRA:
         g = self.groups[i].get(group)
         if g is None:
             return None
-        r, s = self.rank, np.float32(self.scale)
+        r, s = self.rank, float(self.scale)
         xd, u = act[f"lora.{group}.x"], act[f"lora.{group}.u"]
+        host = np.empty(0, np.float32)  # the gradients go to the host, where the adapters are
         n_in = xd.shape[-1]
         N = math.prod(xd.shape[:-1])
         x2 = xd.reshape(N, n_in)  # [B,T,in] -> [N,in]
         u2 = u.reshape(N, -1)  # [B,T,n*r] -> [N,n*r]
         dy2 = dy.reshape(N, dy.shape[-1])  # [B,T,out_all] -> [N,out_all]
         dB = dy2.T @ u2  # [out_all,N] @ [N,n*r] -> [out_all,n*r]; only the diagonal blocks are used
-        du = dy2 @ g.B  # [N,out_all] @ [out_all,n*r] -> [N,n*r]
+        Bm, A = ops.move(g.B, dy), ops.move(g.A, dy)  # on dy's device (a no-op on NumPy)
+        du = dy2 @ Bm  # [N,out_all] @ [out_all,n*r] -> [N,n*r]
         du *= s
         dA = du.T @ x2  # [n*r,N] @ [N,in] -> [n*r,in]: every A of the group in one matmul
         for j, (lo, hi) in enumerate(g.parts):
             name = f"layers.{i}.{self._stem(group, j)}"
-            grads[name + ".lora_B"] = dB[lo:hi, j * r:(j + 1) * r] * s  # [out,r]
-            grads[name + ".lora_A"] = dA[j * r:(j + 1) * r]  # [r,in]
-        dx = (du @ g.A).reshape(xd.shape)  # [N,n*r] @ [n*r,in] -> [N,in] -> [B,T,in]
+            grads[name + ".lora_B"] = ops.move(dB[lo:hi, j * r:(j + 1) * r] * s, host)  # [out,r]
+            grads[name + ".lora_A"] = ops.move(dA[j * r:(j + 1) * r], host)  # [r,in]
+        dx = (du @ A).reshape(xd.shape)  # [N,n*r] @ [n*r,in] -> [N,in] -> [B,T,in]
         keep = act.get(f"lora.{group}.keep")
         if keep is not None:  # the dropout's gradient: the same mask and scale
-            dx *= np.float32(1.0 / (1.0 - self.dropout))
-            dx *= keep
+            dx *= 1.0 / (1.0 - self.dropout)
+            dx *= keep if ops.is_numpy_array(dx) else ops.move(keep, dx)
         return dx
 
     def _stem(self, group: str, j: int) -> str:

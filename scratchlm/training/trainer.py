@@ -30,6 +30,7 @@ import numpy as np
 
 from ..config import ModelConfig, expected_shapes
 from ..errors import FormatError, TokenizerError, UnsupportedError
+from .. import ops
 from ..model import Model
 from ..perplexity import score
 from . import checkpoint as ck
@@ -74,6 +75,7 @@ class TrainArgs:
     val_fraction: float = 0.1
     plot: bool = True
     threads: int = 0  # threads sharing out each batch (parallel.py); 0: every usable core, fixed at start
+    device: str = "cpu"  # where forward and backward run (devices.py); the weights and AdamW stay on the host
 
     def validate(self) -> None:
         ints = ("layers", "dim", "heads", "context", "batch", "accum", "steps", "eval_every", "eval_batches",
@@ -103,6 +105,8 @@ class TrainArgs:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("betas must be in [0, 1)")
         self.threads = resolve_threads(self.threads)  # fixed now and saved, so a resume cuts batches alike
+        from ..devices import parse_device
+        parse_device(self.device)  # an unknown name or a missing GPU fails before any work
 
     @property
     def warmup_steps(self) -> int:
@@ -120,6 +124,23 @@ class TrainArgs:
     def from_dict(cls, d: dict) -> "TrainArgs":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def model_on_device(model: Model, device: str) -> Model:
+    """A float32 copy of `model` on a torch device (devices.py), the same tokenizer and info."""
+    from .. import devices
+
+    plan = devices.make_plan(model.config.n_layers, device, "f32")
+    weights = devices.place_weights(dict(model.weights), plan)
+    work = Model(model.config, weights, model.tokenizer, info=dict(model.info, placement=plan.describe()))
+    devices.apply_plan(work, plan)
+    return work
+
+
+def copy_weights(src: Model, dst: Model) -> None:
+    """Write src's weights into dst's, in place (dst's canonical entries are views of its fused matrices)."""
+    for name, w in dst.weights.items():
+        w[...] = ops.move(src.weights[name], w)
 
 
 def init_weights(cfg: ModelConfig, seed: int) -> dict:
@@ -273,6 +294,9 @@ class Trainer(RunLog):
         self.run_dir, self.args, self.model, self.data = Path(run_dir), args, model, data
         self.cfg = model.config
         self.opt = AdamW(model.weights, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.weight_decay)
+        # the model that runs forward and backward: the host model itself, or its float32 copy on a torch
+        # device; the host weights stay the master copy (AdamW, checkpoints) and go back after each step
+        self.work = model if args.device == "cpu" else model_on_device(model, args.device)
         self.sampler = self.make_sampler()
         self.step = 0
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -312,7 +336,8 @@ class Trainer(RunLog):
         return t
 
     @classmethod
-    def resume(cls, run_dir, steps: int | None = None, threads: int | None = None, **kw) -> "Trainer":
+    def resume(cls, run_dir, steps: int | None = None, threads: int | None = None, device: str | None = None,
+               **kw) -> "Trainer":
         """Continue a run from its latest checkpoint (from step 0 if it has none yet). `steps` is the new
         total; the cosine schedule is stretched to it (pass the original total for an exact continuation).
         `threads` replaces the run's thread count (one that cuts batches otherwise changes float rounding)."""
@@ -329,6 +354,8 @@ class Trainer(RunLog):
             args.steps = steps
         if threads is not None:
             args.threads = threads
+        if device is not None:
+            args.device = device
         args.validate()
         tok = ck.load_run_tokenizer(run_dir)
         data = TokenData(run_dir)
@@ -364,9 +391,14 @@ class Trainer(RunLog):
         """One optimizer step over `accum` micro-batches; returns loss, lr and grad norm."""
         a = self.args
         lr = self.lr(self.step)
-        loss, grads = accumulate_grads(self.model, (self.sampler.next() for _ in range(a.accum)), a.threads)
+        loss, grads = accumulate_grads(self.work, (self.sampler.next() for _ in range(a.accum)), a.threads)
+        if self.work is not self.model:  # computed on a torch device: the update is made on the host
+            host = np.empty(0, np.float32)
+            grads = {n: ops.move(g, host) for n, g in grads.items()}
         norm = clip_grad_norm(grads, a.grad_clip) if a.grad_clip > 0 else global_norm(grads)
         self.opt.step(grads, lr)
+        if self.work is not self.model:
+            copy_weights(self.model, self.work)
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": norm}
 
@@ -376,7 +408,7 @@ class Trainer(RunLog):
             n, B, T = a.eval_batches, a.batch, a.context
             self._eval_sets = {"train": eval_batches(self.data.train, n, B, T, a.seed + 1),
                                "val": eval_batches(self.data.val, n, B, T, a.seed + 2)}
-        return {f"{k}_loss": eval_loss(self.model, v) for k, v in self._eval_sets.items()}
+        return {f"{k}_loss": eval_loss(self.work, v) for k, v in self._eval_sets.items()}
 
     def sample(self) -> str:
         """A short continuation of the start of the validation text (its own seeded sampler)."""
@@ -385,7 +417,7 @@ class Trainer(RunLog):
         prompt = [int(i) for i in self.data.val[:n]]
         max_tokens = max(1, min(a.sample_tokens, a.context - n - 1))
         tok = self.model.tokenizer
-        text = self.model.generate(prompt, max_tokens=max_tokens, temperature=0.8, top_k=0, top_p=1.0,
+        text = self.work.generate(prompt, max_tokens=max_tokens, temperature=0.8, top_k=0, top_p=1.0,
                                    min_p=0.0, seed=a.seed + self.step)
         return tok.decode(prompt) + text
 
