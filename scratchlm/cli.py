@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -370,10 +371,10 @@ def cmd_perplexity(a) -> int:
     return 0
 
 
-def _start_or_resume(a, run_cls, make_args, needs: str):
+def _start_or_resume(a, run_cls, make_args, needs: str, dist=None):
     """A new run of run_cls (Trainer, Finetuner) made from make_args(), or the run --resume DIR names:
-    what `train` and `finetune` share."""
-    kw = dict(progress=False if a.no_progress else None, verbose=not a.quiet)
+    what `train` and `finetune` share. dist: this process's rank in a torchrun job (training/distributed.py)."""
+    kw = dict(progress=False if a.no_progress else None, verbose=not a.quiet, dist=dist)
     if a.resume:
         if a.data or a.out:
             raise ValueError("--resume DIR continues a run with its own data and output; drop --data/--out")
@@ -384,14 +385,18 @@ def _start_or_resume(a, run_cls, make_args, needs: str):
 
 
 def cmd_train(a) -> int:
+    from .training.distributed import Dist
     from .training.trainer import TrainArgs, Trainer
 
+    dist = Dist.from_env()  # one process, or a rank of a torchrun job (data-parallel)
     t = _start_or_resume(a, Trainer, lambda: TrainArgs(
         data=a.data, out=a.out, tokenizer=a.tokenizer, arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads,
         kv_heads=a.kv_heads or 0, context=a.context, batch=a.batch, accum=a.accum, steps=a.steps or 1000, lr=a.lr,
         warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, seed=a.seed, threads=a.threads or 0),
-        "--data FILE and --out DIR")
+        "--data FILE and --out DIR", dist=dist)
     r = t.train()
+    if not dist.is_main:
+        return 0
     print(f"step {r['step']}: train loss {r.get('train_loss', float('nan')):.4f}, "
           f"val loss {r.get('val_loss', float('nan')):.4f} (bigram baseline {r.get('bigram_loss', float('nan')):.4f}); "
           f"run in {t.run_dir}")
@@ -421,14 +426,18 @@ def cmd_export(a) -> int:
 
 
 def cmd_finetune(a) -> int:
+    from .training.distributed import Dist
     from .training.finetune import FinetuneArgs, Finetuner
 
+    dist = Dist.from_env()  # one process, or a rank of a torchrun job (data-parallel)
     t = _start_or_resume(a, Finetuner, lambda: FinetuneArgs(
         data=a.data, out=a.out, base=a.model, rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
         epochs=a.epochs, steps=a.steps or 0, lr=a.lr, batch=a.batch, context=a.context, seed=a.seed,
         save_every=a.save_every, threads=a.threads or 0, dtype=a.dtype),
-        "--data FILE.jsonl and --out DIR")
+        "--data FILE.jsonl and --out DIR", dist=dist)
     r = t.train()
+    if not dist.is_main:
+        return 0
     print(f"step {r['step']}: loss {r['loss'] if r['loss'] is not None else float('nan'):.4f}; adapter in {r['out']}")
     return 0
 
@@ -478,7 +487,8 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except (ValueError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"scratchlm: error: {msg}", file=sys.stderr)
+        rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None  # a torchrun job's rank
+        print(f"scratchlm: error: {f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
