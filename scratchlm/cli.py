@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_positive_int, default=4, help="attention heads H (default 4)")
     p.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads K (default: H)")
     p.add_argument("--context", type=_positive_int, default=128, help="context length T in tokens (default 128)")
-    p.add_argument("--batch", type=_positive_int, default=16, help="sequences per micro-batch B (default 16)")
+    p.add_argument("--batch", type=_positive_int, default=16, help="sequences per micro-batch B, shared out among the ranks under torchrun (default 16)")
     p.add_argument("--accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--steps", type=_positive_int, default=None, help="total optimizer steps (default 1000; with --resume: the new total)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the data (default 3)")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs; with --resume: the new total)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
-    p.add_argument("--batch", type=_positive_int, default=4, help="rows per step (default 4)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="rows per step, shared out among the ranks under torchrun (default 4)")
     p.add_argument("--context", type=_positive_int, default=256, help="tokens per row (default 256)")
     _add_run_options(p, save_every=50, quiet="print only the final line")
 
@@ -217,7 +217,8 @@ def _add_run_options(p: argparse.ArgumentParser, save_every: int, quiet: str) ->
                    help=f"checkpoint every N steps (default {save_every})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's)")
+                   help="threads that share out each batch, one core each (default: every core, divided among the ranks "
+                        "torchrun starts on the machine; with --resume: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help=quiet)
 

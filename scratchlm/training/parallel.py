@@ -76,8 +76,12 @@ def _one_blas_thread():
 
 def shard_rows(batch: int, rank: int, world: int) -> slice:
     """The rows of a global batch of `batch` rows that rank `rank` of `world` computes: contiguous, as even
-    as the count allows (the first ranks take one row fewer when it does not divide)."""
-    return slice(batch * rank // world, batch * (rank + 1) // world)
+    as the count allows, the first ranks taking one more where it does not divide. Two ranks thus take the
+    chunks one process cuts with 2 threads (ceil(B / 2) rows, then the rest) when a shard is one chunk:
+    the same numbers bit for bit."""
+    q, r = divmod(batch, world)
+    lo = rank * q + min(rank, r)
+    return slice(lo, lo + q + (rank < r))
 
 
 def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all", threads: int = 1,
