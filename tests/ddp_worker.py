@@ -8,6 +8,7 @@ WORK_DIR holds corpus.txt and qa.jsonl; the runs go beside them:
   half2   the same run stopped during step 4 (after the checkpoint of step 3), then resumed on 2 ranks
   half3   a copy of half2 at step 3 (made by rank 0 before the resume), for the test to resume on 1 rank
   ft2     LoRA fine-tuning of full2 (dropout on, shards with unequal target counts)
+  small   --batch 1 on 2 ranks: refused on both before anything is written
   tensor_sum.json  Dist.all_reduce_grads of torch tensors and of a strided NumPy view
   fail    rank 1 fails at step 2: the job must end with its message, not hang
 """
@@ -63,6 +64,8 @@ def main(work: Path) -> int:
         return 1
     if run("finetune", "-m", str(work / "full2"), "--data", qa, "--out", str(work / "ft2"), *FINETUNE):
         return 1
+    if run("train", "--data", corpus, "--out", str(work / "small"), *TRAIN, "--batch", "1") != 1:
+        return 1  # fewer rows than ranks: a one-line error on both ranks, before anything is written
     import torch
     dist = Dist.from_env()  # the group the runs above joined
     t = dist.all_reduce_grads({"w": torch.full((2, 3), rank + 1.0)})

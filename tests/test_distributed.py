@@ -254,3 +254,10 @@ def test_a_failing_rank_ends_the_job_with_its_message(ddp):
     # rank 0, waiting for rank 1's gradients, ended too (its all-reduce failed, or torchrun stopped it)
     assert all("Traceback" not in line for line in lines)
     assert (work / "fail" / "latest").exists() is False
+
+
+def test_fewer_rows_than_ranks_is_refused_on_every_rank_before_writing(ddp):
+    work, r = ddp
+    for rank in (0, 1):
+        assert f"scratchlm: error: [rank {rank}] --batch 1 is smaller than the 2 ranks: each needs a row" in r.stderr
+    assert not (work / "small").exists()

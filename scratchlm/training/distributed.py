@@ -140,6 +140,11 @@ class Dist:
             if tdist.is_initialized():
                 tdist.destroy_process_group()
 
+    def check_batch(self, batch: int) -> None:
+        """Every rank needs at least one row of each batch (one-line error otherwise)."""
+        if self.world > 1 and batch < self.world:
+            raise ValueError(f"--batch {batch} is smaller than the {self.world} ranks: each needs a row")
+
     # --- collectives ------------------------------------------------------------------------------
 
     def _all_reduce(self, t, what: str, op=None) -> None:

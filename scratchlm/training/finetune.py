@@ -271,8 +271,7 @@ class Finetuner(RunLog):
         self.run_dir, self.args, self.model, self.lora = Path(run_dir), args, model, lora
         self.cfg = model.config
         self.dist = dist or Dist()
-        if self.dist.world > 1 and args.batch < self.dist.world:
-            raise ValueError(f"--batch {args.batch} is smaller than the {self.dist.world} ranks: each needs a row")
+        self.dist.check_batch(args.batch)
         self.rows, self.masks, self.report = rows, masks, report
         lora.attach(model)
         # no optimizer state for the base: AdamW sees the adapters' parameters only
@@ -305,9 +304,11 @@ class Finetuner(RunLog):
         data-parallel job (kw dist) rank 0 makes the run directory; the others then open it."""
         dist = kw.get("dist") or Dist()
         if not dist.is_main:
+            dist.check_batch(args.batch)
             dist.barrier()  # rank 0 has written the run (or failed, and torchrun stops this rank)
             return cls.resume(args.out, steps=args.steps or None, model=model, threads=args.threads, **kw)
         args.validate()
+        dist.check_batch(args.batch)  # before the run directory is written
         out = ck.check_writable(args.out)
         if (out / MARKER).exists():
             raise FormatError(f"{out}: already holds a fine-tuning run; use --resume {out} or another --out")

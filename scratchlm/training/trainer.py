@@ -12,6 +12,10 @@ samples, a JSONL log, a PNG of the loss curves and crash-safe checkpoints (check
 Determinism: the weights are a function of (seed, data, arguments) only. The data sampler's RNG
 is checkpointed; evaluation and samples use their own generators, so they never shift the training
 batches; a resumed run therefore reaches exactly the weights of an uninterrupted one.
+
+Data-parallel (`torchrun --nproc-per-node N -m scratchlm train ...`, distributed.py): every rank draws the
+same global batch, computes its shard of it, and one all-reduce a step sums the shards' gradients; rank 0
+alone writes the run directory. A checkpoint holds nothing rank-specific: any rank count resumes it.
 """
 
 from __future__ import annotations
@@ -285,8 +289,7 @@ class Trainer(RunLog):
         self.run_dir, self.args, self.model, self.data = Path(run_dir), args, model, data
         self.cfg = model.config
         self.dist = dist or Dist()
-        if self.dist.world > 1 and args.batch < self.dist.world:
-            raise ValueError(f"--batch {args.batch} is smaller than the {self.dist.world} ranks: each needs a row")
+        self.dist.check_batch(args.batch)
         self.opt = AdamW(model.weights, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.weight_decay)
         self.sampler = BatchSampler(data.train, args.batch, args.context, args.seed)
         self.step = 0
@@ -307,9 +310,11 @@ class Trainer(RunLog):
         data-parallel job (kw dist) rank 0 makes the run directory; the others then open it."""
         dist = kw.get("dist") or Dist()
         if not dist.is_main:
+            dist.check_batch(args.batch)
             dist.barrier()  # rank 0 has written the run (or failed, and torchrun stops this rank)
             return cls.resume(args.out, steps=args.steps, threads=args.threads, **kw)
         args.validate()
+        dist.check_batch(args.batch)  # before the run directory is written
         out = ck.check_writable(args.out)
         if ck.is_run_dir(out) or (out / "latest").exists():
             raise FormatError(f"{out}: already holds a training run; use --resume {out} or another --out")
