@@ -102,8 +102,12 @@ class Dist:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(name):
                 raise DistributedError(f"WORLD_SIZE={world} but {name} is not set: launch with torchrun")
-        import torch
-        import torch.distributed as tdist
+        try:
+            import torch
+            import torch.distributed as tdist
+        except ImportError:
+            raise DistributedError("WORLD_SIZE > 1 asks for data-parallel training, which needs torch: "
+                                   "pip install 'scratchlm[distributed]'") from None
 
         local = rank if local is None else local
         if str(device).startswith("cuda"):
