@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_positive_int, default=4, help="attention heads H (default 4)")
     p.add_argument("--kv-heads", type=_positive_int, default=None, help="key/value heads K (default: H)")
     p.add_argument("--context", type=_positive_int, default=128, help="context length T in tokens (default 128)")
-    p.add_argument("--batch", type=_positive_int, default=16, help="sequences per micro-batch B (default 16)")
+    p.add_argument("--batch", type=_positive_int, default=16, help="sequences per micro-batch B, shared out among the ranks under torchrun (default 16)")
     p.add_argument("--accum", type=_positive_int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--steps", type=_positive_int, default=None, help="total optimizer steps (default 1000; with --resume: the new total)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the data (default 3)")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs; with --resume: the new total)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
-    p.add_argument("--batch", type=_positive_int, default=4, help="rows per step (default 4)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="rows per step, shared out among the ranks under torchrun (default 4)")
     p.add_argument("--context", type=_positive_int, default=256, help="tokens per row (default 256)")
     _add_run_options(p, save_every=50, quiet="print only the final line")
 
@@ -257,8 +258,8 @@ def _add_run_options(p: argparse.ArgumentParser, save_every: int, quiet: str) ->
                    help=f"checkpoint every N steps (default {save_every})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads that share out each batch, one core each (default: every core; with --resume: the run's; "
-                        "--arch seq2seq trains on one)")
+                   help="threads that share out each batch, one core each (default: every core, divided among the ranks "
+                        "torchrun starts on the machine; with --resume: the run's; --arch seq2seq trains on one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-q", "--quiet", action="store_true", help=quiet)
 
@@ -445,10 +446,10 @@ def cmd_perplexity(a) -> int:
     return 0
 
 
-def _start_or_resume(a, run_cls, make_args, needs: str):
+def _start_or_resume(a, run_cls, make_args, needs: str, dist=None):
     """A new run of run_cls (Trainer, Finetuner) made from make_args(), or the run --resume DIR names:
-    what `train` and `finetune` share."""
-    kw = dict(progress=False if a.no_progress else None, verbose=not a.quiet)
+    what `train` and `finetune` share. dist: this process's rank in a torchrun job (training/distributed.py)."""
+    kw = dict(progress=False if a.no_progress else None, verbose=not a.quiet, dist=dist)
     if a.resume:
         if a.data or a.out:
             raise ValueError("--resume DIR continues a run with its own data and output; drop --data/--out")
@@ -459,6 +460,7 @@ def _start_or_resume(a, run_cls, make_args, needs: str):
 
 
 def cmd_train(a) -> int:
+    from .training.distributed import Dist
     from .training.trainer import TrainArgs, Trainer  # Trainer hands a seq2seq run to seq2seq_train.Seq2SeqTrainer
 
     seq2seq = _seq2seq_run(a.resume) if a.resume else a.arch == "seq2seq"
@@ -466,13 +468,18 @@ def cmd_train(a) -> int:
         raise ValueError("--pre-ln and --separate-embeddings apply to --arch seq2seq only")
     if seq2seq and (a.device or "cpu") != "cpu":
         raise ValueError("--arch seq2seq trains with NumPy on the CPU only: leave out --device")
+    if seq2seq and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        raise ValueError("--arch seq2seq trains in one process: run it without torchrun")
+    dist = Dist.from_env(a.device or "cpu")  # one process, or a rank of a torchrun job (data-parallel)
     t = _start_or_resume(a, Trainer, lambda: TrainArgs(
         data=a.data, out=a.out, tokenizer=a.tokenizer, arch=a.arch, layers=a.layers, dim=a.dim, heads=a.heads,
         kv_heads=a.kv_heads or 0, context=a.context, batch=a.batch, accum=a.accum, steps=a.steps or 1000, lr=a.lr,
         warmup=a.warmup, eval_every=a.eval_every, save_every=a.save_every, seed=a.seed, threads=a.threads or 0,
         pre_ln=a.pre_ln, tie_embeddings=not a.separate_embeddings, device=a.device or "cpu"),
-        "--data FILE and --out DIR")
+        "--data FILE and --out DIR", dist=dist)
     r = t.train()
+    if not dist.is_main:
+        return 0
     print(f"step {r['step']}: train loss {r.get('train_loss', float('nan')):.4f}, "
           f"val loss {r.get('val_loss', float('nan')):.4f} (bigram baseline {r.get('bigram_loss', float('nan')):.4f}); "
           f"run in {t.run_dir}")
@@ -507,14 +514,18 @@ def cmd_export(a) -> int:
 
 
 def cmd_finetune(a) -> int:
+    from .training.distributed import Dist
     from .training.finetune import FinetuneArgs, Finetuner
 
+    dist = Dist.from_env(a.device or "cpu")  # one process, or a rank of a torchrun job (data-parallel)
     t = _start_or_resume(a, Finetuner, lambda: FinetuneArgs(
         data=a.data, out=a.out, base=a.model, rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
         epochs=a.epochs, steps=a.steps or 0, lr=a.lr, batch=a.batch, context=a.context, seed=a.seed,
         save_every=a.save_every, threads=a.threads or 0, dtype=a.dtype, device=a.device or "cpu"),
-        "--data FILE.jsonl and --out DIR")
+        "--data FILE.jsonl and --out DIR", dist=dist)
     r = t.train()
+    if not dist.is_main:
+        return 0
     print(f"step {r['step']}: loss {r['loss'] if r['loss'] is not None else float('nan'):.4f}; adapter in {r['out']}")
     return 0
 
@@ -564,7 +575,8 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except (ValueError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"scratchlm: error: {msg}", file=sys.stderr)
+        rank = os.environ.get("RANK") if os.environ.get("WORLD_SIZE", "1") != "1" else None  # a torchrun job's rank
+        print(f"scratchlm: error: {f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

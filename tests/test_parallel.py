@@ -1,5 +1,5 @@
 """The chunked training step (training/parallel.py): a batch cut into chunks of rows run over threads gives
-the whole batch's loss and gradients, the same bit for bit with thread counts that cut it alike; LoRA dropout draws each chunk's masks from its own
+the whole batch's loss and gradients, the same bit for bit with thread counts that cut it alike; LoRA dropout draws each row's masks from its own
 generator. chunk_tokens is set small here so that these tiny batches are cut at all."""
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def test_lora_shards_match_the_plain_adapter_gradients_and_dropout_is_determinis
 
     lora.dropout, lora.training = 0.3, True
     runs = []
-    for threads in (2, 2, 1, 3):  # the masks are drawn per chunk: the same with thread counts that cut alike
+    for threads in (2, 2, 1, 3):  # the masks are drawn per row: the same whatever cuts the batch
         lora.rng = np.random.default_rng(7)
         runs.append(parallel_loss_and_grads(model, ids, tgt, wrt="adapters", threads=threads, chunk_tokens=10))
     assert abs(runs[0][0] - loss) > 1e-6  # not the dropout-free loss

@@ -37,8 +37,9 @@ import numpy as np
 from ..errors import FormatError, PromptError
 from . import checkpoint as ck
 from .lora import LoRA, adapter_summary
+from .distributed import Dist
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
-from .parallel import keep_freed_memory, parallel_loss_and_grads, resolve_threads
+from .parallel import keep_freed_memory, parallel_loss_and_grads, resolve_threads, shard_rows
 from .trainer import RunLog
 
 MARKER = "scratchlm-finetune.json"
@@ -269,9 +270,11 @@ class Finetuner(RunLog):
     """One LoRA fine-tuning run: base model (frozen), adapters, AdamW on the adapters only, data rows."""
 
     def __init__(self, run_dir, args: FinetuneArgs, model, lora: LoRA, rows, masks, report, *,
-                 progress: bool | None = None, verbose: bool = True):
+                 progress: bool | None = None, verbose: bool = True, dist: Dist | None = None):
         self.run_dir, self.args, self.model, self.lora = Path(run_dir), args, model, lora
         self.cfg = model.config
+        self.dist = dist or Dist()
+        self.dist.check_batch(args.batch)
         self.rows, self.masks, self.report = rows, masks, report
         lora.attach(model)
         # no optimizer state for the base: AdamW sees the adapters' parameters only
@@ -280,12 +283,12 @@ class Finetuner(RunLog):
         self.total = args.steps or args.epochs * math.ceil(n / args.batch)
         self.warmup = args.warmup if args.warmup >= 0 else min(100, self.total // 10)
         self.step = 0
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
         self.verbose = verbose
         self.history: list[dict] = []
         self._log = None
         self._perms: dict[int, np.ndarray] = {}
-        self._lock = ck.lock_run(self.run_dir)
+        self._lock = ck.lock_run(self.run_dir) if self.dist.is_main else None  # rank 0 writes the run
         # a base without a chat template was trained in training_template's format: the adapter keeps it
         self.chat_template = None if getattr(model.tokenizer, "chat_template", None) else training_template(model.tokenizer)
         keep_freed_memory()
@@ -301,8 +304,15 @@ class Finetuner(RunLog):
 
     @classmethod
     def new(cls, args: FinetuneArgs, model=None, **kw) -> "Finetuner":
-        """Start a run in args.out (a new or empty directory). `model`: an already loaded base to use."""
+        """Start a run in args.out (a new or empty directory). `model`: an already loaded base to use. In a
+        data-parallel job (kw dist) rank 0 makes the run directory; the others then open it."""
+        dist = kw.get("dist") or Dist()
+        if not dist.is_main:
+            dist.check_batch(args.batch)
+            dist.barrier()  # rank 0 has written the run (or failed, and torchrun stops this rank)
+            return cls.resume(args.out, steps=args.steps or None, model=model, threads=args.threads, **kw)
         args.validate()
+        dist.check_batch(args.batch)  # before the run directory is written
         out = ck.check_writable(args.out)
         if (out / MARKER).exists():
             raise FormatError(f"{out}: already holds a fine-tuning run; use --resume {out} or another --out")
@@ -321,7 +331,9 @@ class Finetuner(RunLog):
         ck.atomic_write_json(out / MARKER, {"format": "scratchlm-finetune", "version": 1,
                                             "args": dataclasses.asdict(args)})
         (out / ck.LOG_NAME).write_bytes(b"")
-        return cls(out, args, model, lora, rows, masks, report, **kw)
+        t = cls(out, args, model, lora, rows, masks, report, **kw)
+        dist.barrier()
+        return t
 
     @classmethod
     def resume(cls, run_dir, steps: int | None = None, model=None, threads: int | None = None,
@@ -343,7 +355,9 @@ class Finetuner(RunLog):
         if device is not None:
             args.device = device
         args.validate()
-        ck.check_writable(run_dir)
+        main = (kw.get("dist") or Dist()).is_main
+        if main:  # rank 0 writes the run; the other ranks of a data-parallel job only read it
+            ck.check_writable(run_dir)
         if model is None:
             model = cls._load_base(args)
         if args.context > model.config.max_seq_len:
@@ -358,7 +372,8 @@ class Finetuner(RunLog):
                     seed=args.seed, weights=weights, base_name=model.info.get("name") or str(args.base))
         t = cls(run_dir, args, model, lora, rows, masks, report, **kw)
         if ckpt is None:
-            (run_dir / ck.LOG_NAME).write_bytes(b"")
+            if main:
+                (run_dir / ck.LOG_NAME).write_bytes(b"")
             return t
         state = ck.read_json(ckpt / "state.json", "checkpoint state")
         t.opt.load_state(read_tensors(ckpt / "optimizer.safetensors"), state.get("optimizer") or {}, str(ckpt))
@@ -389,19 +404,28 @@ class Finetuner(RunLog):
         lr = lr_at(self.step, a.lr, self.warmup, self.total, a.lr * a.min_lr_ratio)
         self.lora.rng = np.random.default_rng([a.seed, 1, self.step])  # dropout masks of this step
         self.lora.training = True
+        d = self.dist  # data-parallel: every rank takes the same rows, computes its shard, one all-reduce sums
         try:
-            loss, grads = parallel_loss_and_grads(self.model, x, y, loss_mask=m, wrt="adapters", threads=a.threads)
+            loss, grads = parallel_loss_and_grads(self.model, x, y, loss_mask=m, wrt="adapters", threads=a.threads,
+                                                  rows=shard_rows(len(x), d.rank, d.world) if d.world > 1 else None)
         finally:
             self.lora.training = False
+        if d.world > 1:
+            loss = d.all_reduce_sum([loss])[0]
+            grads = d.all_reduce_grads(grads)
         norm = clip_grad_norm(grads, a.grad_clip) if a.grad_clip > 0 else global_norm(grads)
         self.opt.step(grads, lr)
         self.step += 1
         return {"loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(x.size), "learned": int(m.sum())}
 
-    def save(self) -> Path:
-        state = {"log_bytes": self.sync_log()}
-        ckpt = ck.save_checkpoint(self.run_dir, self.step, self.lora.params, self.opt, state)
-        self.lora.save(self.run_dir, chat_template=self.chat_template)  # the PEFT adapter, usable at once
+    def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0 writes it; every rank waits until it is complete)."""
+        ckpt = None
+        if self.dist.is_main:
+            state = {"log_bytes": self.sync_log()}
+            ckpt = ck.save_checkpoint(self.run_dir, self.step, self.lora.params, self.opt, state)
+            self.lora.save(self.run_dir, chat_template=self.chat_template)  # the PEFT adapter, usable at once
+        self.dist.barrier()
         return ckpt
 
     # --- the loop ------------------------------------------------------------------------------
@@ -416,6 +440,9 @@ class Finetuner(RunLog):
                  f"{self.total} steps of {a.batch} rows")
         if self.step:
             self.say(f"resuming {self.run_dir} at step {self.step} of {self.total}")
+        if self.dist.world > 1:
+            self.say(f"{self.dist.world} data-parallel ranks ({self.dist.backend}), {a.batch} rows a step among them")
+        self.dist.check_same("the step to start at and the adapters' size", self.step, self.lora.n_params)
         bar = tqdm(total=self.total, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True,
                    file=sys.stderr)
         r, t0, n0 = {}, time.perf_counter(), 0
@@ -435,9 +462,10 @@ class Finetuner(RunLog):
         finally:
             bar.close()
             self.close_log()
-            self._lock.close()
+            if self._lock is not None:
+                self._lock.close()
         if a.plot:
             self.plot()
-        if not (self.run_dir / "adapter_config.json").exists():
+        if self.dist.is_main and not (self.run_dir / "adapter_config.json").exists():
             self.lora.save(self.run_dir, chat_template=self.chat_template)
         return {"step": self.step, "loss": r.get("loss"), "out": str(self.run_dir)}

@@ -205,7 +205,9 @@ class LoRA:
 
     def set_thread_rng(self, rng) -> None:
         """Draw the calling thread's dropout masks from `rng` (None: from self.rng again), so chunks of a
-        batch running in threads (training/parallel.py) each have their own deterministic masks."""
+        batch running in threads (training/parallel.py) each have their own deterministic masks. A list holds
+        one generator per row of the batch the thread runs: each row's masks then come from its own, whatever
+        chunk (or data-parallel rank) the row is computed in."""
         self._thread.rng = rng
 
     @property
@@ -227,7 +229,13 @@ class LoRA:
             # inverted dropout: keep with probability 1-p and scale by 1/(1-p), as torch.nn.Dropout. The
             # mask compares raw random 32-bit words with p * 2^32 (twice as fast as random floats)
             rng = getattr(self._thread, "rng", None) or self.rng
-            bits = np.frombuffer(rng.bytes(4 * x.size), np.uint32).reshape(x.shape)
+            if isinstance(rng, list):  # one generator per row of x [B,T,in]
+                if len(rng) != x.shape[0]:
+                    raise ValueError(f"{len(rng)} dropout generators for a batch of {x.shape[0]} rows")
+                raw = b"".join(r.bytes(4 * (x.size // x.shape[0])) for r in rng)
+            else:
+                raw = rng.bytes(4 * x.size)
+            bits = np.frombuffer(raw, np.uint32).reshape(x.shape)  # [B,T,in]
             keep = bits >= np.uint32(min(round(self.dropout * 2.0 ** 32), 2 ** 32 - 1))  # [B,T,in] bool
             xd = x * np.float32(1.0 / (1.0 - self.dropout))
         # the adapters are kept on the host (AdamW updates them there); on a torch device they, and the dropout

@@ -49,10 +49,13 @@ def usable_cores() -> int:
 
 
 def resolve_threads(threads) -> int:
-    """The --threads of a run: a positive count as given, or 0 for every usable core (one-line error otherwise)."""
+    """The --threads of a run: a positive count as given, or 0 for every usable core, shared out among the
+    data-parallel ranks of this node (distributed.py) when there are several (one-line error otherwise)."""
+    from .distributed import local_world_size
+
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise ValueError(f"--threads must be a non-negative integer, got {threads!r}")
-    return threads or usable_cores()
+    return threads or max(1, usable_cores() // local_world_size())
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
@@ -71,58 +74,77 @@ def _one_blas_thread():
     return _BLAS.limit(limits=1, user_api="blas")
 
 
+def shard_rows(batch: int, rank: int, world: int) -> slice:
+    """The rows of a global batch of `batch` rows that rank `rank` of `world` computes: contiguous, as even
+    as the count allows, the first ranks taking one more where it does not divide. Two ranks thus take the
+    chunks one process cuts with 2 threads (ceil(B / 2) rows, then the rest) when a shard is one chunk:
+    the same numbers bit for bit."""
+    q, r = divmod(batch, world)
+    lo = rank * q + min(rank, r)
+    return slice(lo, lo + q + (rank < r))
+
+
 def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: str = "all", threads: int = 1,
-                           chunk_tokens: int = CHUNK_TOKENS):
+                           chunk_tokens: int = CHUNK_TOKENS, rows: slice | None = None):
     """model.loss_and_grads over the batch cut into chunks of whole rows, at most about `chunk_tokens` tokens
     and at most ceil(B / threads) rows (so a small batch is still shared out), which `threads` threads take
     one by one and run side by side (see the module doc).
 
     Same arguments and result as Model.loss_and_grads. With one chunk (a small batch) or a model on another
     array backend (which threads its own ops) it is exactly that call. LoRA dropout (model.adapter) draws
-    each chunk's masks from its own generator, spawned from the adapter's.
+    each row's masks from its own generator, spawned from the adapter's one per row of the batch, so the
+    masks do not depend on how the batch is cut (threads, chunks or data-parallel ranks).
+
+    rows: compute only these rows of the batch (a data-parallel rank's shard, distributed.py), still weighted
+    by the target count N of the whole batch: the results are then this shard's part of the batch's loss
+    and gradients, n_shard / N times its own mean, and the parts of all shards add up to the whole batch's.
     """
     def whole_batch():  # one call: a batch of one chunk, another backend, or input that call rejects in one line
         return model.loss_and_grads(input_ids, target_ids, loss_mask=loss_mask, wrt=wrt)
 
     ids = np.asarray(input_ids)
-    if ids.ndim != 2 or not ids.shape[0] or model.xp is not ops.array_namespace(np.empty(0)):
+    ad = getattr(model, "adapter", None)
+    numpy = model.xp is ops.array_namespace(np.empty(0))
+    if ids.ndim != 2 or not ids.shape[0] or (rows is None and not numpy):
         return whole_batch()
     B, T = ids.shape
-    rows = max(1, min(int(chunk_tokens) // T, -(-B // max(1, int(threads)))))  # a small batch still shared out
-    chunks = [slice(a, min(a + rows, B)) for a in range(0, B, rows)]
+    row_rngs = ad.rng.spawn(B) if ad is not None else None  # one dropout generator per row of the whole batch
+    lo, hi, _ = (rows or slice(0, B)).indices(B)
     tgt = np.asarray(target_ids)
     mask = None if loss_mask is None else np.asarray(loss_mask)
-    if len(chunks) == 1 or tgt.shape != ids.shape or (mask is not None and mask.shape != ids.shape):
-        return whole_batch()
+    if tgt.shape != ids.shape or (mask is not None and mask.shape != ids.shape):
+        return whole_batch()  # raises the plain call's one-line error
+    total = int(np.count_nonzero(mask)) if mask is not None else ids.size  # N: targets of the whole batch
+    per = max(1, min(int(chunk_tokens) // T, -(-(hi - lo) // max(1, int(threads)))))  # a small batch still shared out
+    if not numpy:  # another backend threads its own ops: the shard in one call
+        per = max(1, hi - lo)
+    chunks = [slice(a, min(a + per, hi)) for a in range(lo, hi, per)]
+    if rows is None and len(chunks) == 1:
+        return _with_rngs(ad, row_rngs, whole_batch)
     counts = [int(np.count_nonzero(mask[c])) if mask is not None else ids[c].size for c in chunks]
-    work = [(c, n) for c, n in zip(chunks, counts) if n]  # a chunk whose mask selects nothing adds nothing
-    if not work:
-        return whole_batch()
-    ad = getattr(model, "adapter", None)
-    rngs = ad.rng.spawn(len(work)) if ad is not None else [None] * len(work)
-    jobs = list(zip(work, rngs))
+    jobs = [(c, n) for c, n in zip(chunks, counts) if n]  # a chunk whose mask selects nothing adds nothing
+    if not total:
+        return whole_batch()  # raises "the loss mask selects no target"
+    if not jobs:  # a shard with no target of the batch's: nothing to add (zeros, shaped like the gradients)
+        _, g = _with_rngs(ad, row_rngs and row_rngs[lo:lo + 1],
+                          lambda: model.loss_and_grads(ids[lo:lo + 1], tgt[lo:lo + 1], wrt=wrt, grad_scale=0.0))
+        return 0.0, g
 
-    total = sum(n for _, n in work)
-    n_threads = max(1, min(int(threads), len(jobs)))
+    n_threads = max(1, min(int(threads), len(jobs))) if numpy else 1
     sums = _InOrderSum(len(jobs), ahead=n_threads)
 
     def run(_):
         """Take chunks until none is left; each gives n_j * loss_j and (n_j / N) * grads_j (n_j: the chunk's
         target count), the weight applied inside the backward (grad_scale), so that adding up is all that is left."""
         while (j := sums.take()) is not None:
-            (c, n), rng = jobs[j]
-            if ad is not None:
-                ad.set_thread_rng(rng)
+            c, n = jobs[j]
             try:
-                l, g = model.loss_and_grads(ids[c], tgt[c], loss_mask=None if mask is None else mask[c], wrt=wrt,
-                                            grad_scale=n / total)
+                l, g = _with_rngs(ad, row_rngs and row_rngs[c], lambda: model.loss_and_grads(
+                    ids[c], tgt[c], loss_mask=None if mask is None else mask[c], wrt=wrt, grad_scale=n / total))
             except BaseException:
                 sums.stop()  # the other threads take nothing more (nor wait for this chunk's turn)
                 raise
-            finally:
-                if ad is not None:
-                    ad.set_thread_rng(None)
-            sums.add(j, n * l, g)
+            sums.add(j, n * float(l), g)
 
     with _one_blas_thread():
         if n_threads == 1:
@@ -130,6 +152,17 @@ def parallel_loss_and_grads(model, input_ids, target_ids, loss_mask=None, wrt: s
         else:
             list(_pool(n_threads).map(run, range(n_threads)))
     return sums.loss / total, sums.grads
+
+
+def _with_rngs(ad, rngs, call):
+    """call() with the adapter's dropout masks drawn from `rngs`, one generator per row (none: no adapter)."""
+    if ad is None:
+        return call()
+    ad.set_thread_rng(rngs)
+    try:
+        return call()
+    finally:
+        ad.set_thread_rng(None)
 
 
 class _InOrderSum:

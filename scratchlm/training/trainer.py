@@ -12,6 +12,10 @@ samples, a JSONL log, a PNG of the loss curves and crash-safe checkpoints (check
 Determinism: the weights are a function of (seed, data, arguments) only. The data sampler's RNG
 is checkpointed; evaluation and samples use their own generators, so they never shift the training
 batches; a resumed run therefore reaches exactly the weights of an uninterrupted one.
+
+Data-parallel (`torchrun --nproc-per-node N -m scratchlm train ...`, distributed.py): every rank draws the
+same global batch, computes its shard of it, and one all-reduce a step sums the shards' gradients; rank 0
+alone writes the run directory. A checkpoint holds nothing rank-specific: any rank count resumes it.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from ..model import Model
 from ..perplexity import score
 from . import checkpoint as ck
 from .data import BatchSampler, TokenData, bigram_loss, eval_batches, read_corpus, unigram_loss, write_tokens
+from .distributed import Dist
 from .optim import AdamW, clip_grad_norm, global_norm, lr_at
-from .parallel import keep_freed_memory, parallel_loss_and_grads, resolve_threads
+from .parallel import keep_freed_memory, parallel_loss_and_grads, resolve_threads, shard_rows
 
 
 @dataclass
@@ -187,19 +192,26 @@ def eval_loss(model: Model, batches) -> float:
     return total / len(batches)
 
 
-def accumulate_grads(model: Model, batches, threads: int = 1) -> tuple[float, dict]:
+def accumulate_grads(model: Model, batches, threads: int = 1, dist: Dist | None = None) -> tuple[float, dict]:
     """Mean loss and mean gradients over micro-batches [(inputs [B,T], targets [B,T]), ...]: the same
     numbers as one batch of all of them together (every micro-batch has B*T targets). Each micro-batch
-    runs in chunks shared out to `threads` threads (parallel.py)."""
+    runs in chunks shared out to `threads` threads (parallel.py). With several data-parallel ranks
+    (distributed.py) each computes its shard of every micro-batch, and one all-reduce after the last
+    sums the shards' parts: every rank gets the whole result."""
+    world = 1 if dist is None else dist.world
     loss, grads, n = 0.0, None, 0
     for x, y in batches:
-        l, g = parallel_loss_and_grads(model, x, y, threads=threads)
+        rows = shard_rows(len(x), dist.rank, world) if world > 1 else None
+        l, g = parallel_loss_and_grads(model, x, y, threads=threads, rows=rows)
         loss, n = loss + l, n + 1
         if grads is None:
             grads = g  # fresh arrays from the backward: ours to accumulate into
         else:
             for name, v in g.items():
                 grads[name] += v
+    if world > 1:
+        loss = dist.all_reduce_sum([loss])[0]
+        grads = dist.all_reduce_grads(grads)
     if n > 1:
         for v in grads.values():
             v *= np.float32(1.0 / n)
@@ -214,14 +226,19 @@ def _eval_line(ev: dict) -> str:
 
 class RunLog:
     """What every run directory's loop shares (training here, LoRA in finetune.py): messages, the
-    JSONL log that a checkpoint records the length of, and the loss plot."""
+    JSONL log that a checkpoint records the length of, and the loss plot. In a data-parallel job only
+    rank 0 says, logs and plots (the others' calls do nothing)."""
+
+    dist = Dist()  # a single process unless the run's constructor is given a torch.distributed one
 
     def say(self, msg: str) -> None:
-        if self.verbose:
+        if self.verbose and self.dist.is_main:
             from tqdm import tqdm
             tqdm.write(msg, file=sys.stdout)
 
     def log(self, rec: dict) -> None:
+        if not self.dist.is_main:
+            return
         self.history.append(rec)
         if self._log is None:
             self._log = open(self.run_dir / ck.LOG_NAME, "a", encoding="utf-8")
@@ -230,6 +247,8 @@ class RunLog:
 
     def sync_log(self) -> int:
         """Make the log durable before a checkpoint records its length; return that length in bytes."""
+        if not self.dist.is_main:
+            return 0
         if self._log is not None:
             self._log.flush()
             os.fsync(self._log.fileno())
@@ -242,6 +261,8 @@ class RunLog:
 
     def restore_log(self, state: dict) -> None:
         """On resume, the log continues from what the checkpoint had seen: drop records of later steps."""
+        if not self.dist.is_main:
+            return
         log = self.run_dir / ck.LOG_NAME
         with open(log, "ab") as f:
             f.truncate(min(int(state.get("log_bytes", 0)), f.seek(0, os.SEEK_END)))
@@ -249,6 +270,8 @@ class RunLog:
 
     def plot(self) -> Path | None:
         """loss.png: the training loss of every step (and its moving average) and the evaluations."""
+        if not self.dist.is_main:
+            return None
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -290,20 +313,23 @@ class Trainer(RunLog):
     """One training run: model, optimizer, data sampler, step counter and the run directory."""
 
     def __init__(self, run_dir: Path, args: TrainArgs, model: Model, data: TokenData, *,
-                 progress: bool | None = None, verbose: bool = True):
+                 progress: bool | None = None, verbose: bool = True, dist: Dist | None = None):
         self.run_dir, self.args, self.model, self.data = Path(run_dir), args, model, data
         self.cfg = model.config
+        self.dist = dist or Dist()
+        self.dist.check_batch(args.batch)
         self.opt = AdamW(model.weights, betas=(args.beta1, args.beta2), eps=args.eps, weight_decay=args.weight_decay)
         # the model that runs forward and backward: the host model itself, or its float32 copy on a torch
         # device; the host weights stay the master copy (AdamW, checkpoints) and go back after each step
         self.work = model if args.device == "cpu" else model_on_device(model, args.device)
         self.sampler = self.make_sampler()
         self.step = 0
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.dist.is_main
         self.verbose = verbose
         self._eval_sets = None
         self._log = None
-        self._lock = ck.lock_run(self.run_dir)  # one trainer per run directory
+        # one trainer per run directory (in a data-parallel job: rank 0, the one that writes it)
+        self._lock = ck.lock_run(self.run_dir) if self.dist.is_main else None
         keep_freed_memory()
         self.history: list[dict] = []  # every log record of this run (read back on resume)
 
@@ -311,11 +337,18 @@ class Trainer(RunLog):
 
     @classmethod
     def new(cls, args: TrainArgs, **kw) -> "Trainer":
-        """Start a run: encode the corpus, build the tokenizer and a freshly initialised model."""
+        """Start a run: encode the corpus, build the tokenizer and a freshly initialised model. In a
+        data-parallel job (kw dist) rank 0 makes the run directory; the others then open it."""
         if args.arch == "seq2seq" and cls is Trainer:  # the encoder-decoder has its own data and model
             from .seq2seq_train import Seq2SeqTrainer
             return Seq2SeqTrainer.new(args, **kw)
+        dist = kw.get("dist") or Dist()
+        if not dist.is_main:
+            dist.check_batch(args.batch)
+            dist.barrier()  # rank 0 has written the run (or failed, and torchrun stops this rank)
+            return cls.resume(args.out, steps=args.steps, threads=args.threads, **kw)
         args.validate()
+        dist.check_batch(args.batch)  # before the run directory is written
         out = ck.check_writable(args.out)
         if ck.is_run_dir(out) or (out / "latest").exists():
             raise FormatError(f"{out}: already holds a training run; use --resume {out} or another --out")
@@ -333,6 +366,7 @@ class Trainer(RunLog):
         model = Model(cfg, init_weights(cfg, args.seed), tok, info={"source": str(out), "format": "run"})
         t = cls(out, args, model, data, **kw)
         (out / ck.LOG_NAME).write_bytes(b"")
+        dist.barrier()
         return t
 
     @classmethod
@@ -342,12 +376,14 @@ class Trainer(RunLog):
         total; the cosine schedule is stretched to it (pass the original total for an exact continuation).
         `threads` replaces the run's thread count (one that cuts batches otherwise changes float rounding)."""
         run_dir = Path(run_dir)
+        main = (kw.get("dist") or Dist()).is_main
         if not ck.is_run_dir(run_dir):
             raise FormatError(f"{run_dir}: not a training run directory (no {ck.RUN_MARKER})")
         from .seq2seq_train import Seq2SeqTrainer, is_seq2seq_run
         if cls is Trainer and is_seq2seq_run(run_dir):
             return Seq2SeqTrainer.resume(run_dir, steps, threads, **kw)
-        ck.check_writable(run_dir)
+        if main:  # rank 0 writes the run; the other ranks of a data-parallel job only read it
+            ck.check_writable(run_dir)
         cfg, train = ck.read_run_config(run_dir)
         args = TrainArgs.from_dict(train)
         if steps is not None:
@@ -364,7 +400,8 @@ class Trainer(RunLog):
         if ckpt is None:
             model = Model(cfg, init_weights(cfg, args.seed), tok, info={"source": str(run_dir), "format": "run"})
             t = cls(run_dir, args, model, data, **kw)
-            (run_dir / ck.LOG_NAME).write_bytes(b"")
+            if main:
+                (run_dir / ck.LOG_NAME).write_bytes(b"")
             return t
         weights, opt_tensors, state = ck.load_checkpoint_files(ckpt, cfg)
         model = Model(cfg, weights, tok, info={"source": str(run_dir), "format": "run"})
@@ -391,7 +428,8 @@ class Trainer(RunLog):
         """One optimizer step over `accum` micro-batches; returns loss, lr and grad norm."""
         a = self.args
         lr = self.lr(self.step)
-        loss, grads = accumulate_grads(self.work, (self.sampler.next() for _ in range(a.accum)), a.threads)
+        # every rank draws the whole global batch (the same sampler): rank r computes its shard of it
+        loss, grads = accumulate_grads(self.work, (self.sampler.next() for _ in range(a.accum)), a.threads, self.dist)
         if self.work is not self.model:  # computed on a torch device: the update is made on the host
             host = np.empty(0, np.float32)
             grads = {n: ops.move(g, host) for n, g in grads.items()}
@@ -408,7 +446,15 @@ class Trainer(RunLog):
             n, B, T = a.eval_batches, a.batch, a.context
             self._eval_sets = {"train": eval_batches(self.data.train, n, B, T, a.seed + 1),
                                "val": eval_batches(self.data.val, n, B, T, a.seed + 2)}
-        return {f"{k}_loss": eval_loss(self.work, v) for k, v in self._eval_sets.items()}
+        d = self.dist
+        if d.world == 1:
+            return {f"{k}_loss": eval_loss(self.work, v) for k, v in self._eval_sets.items()}
+        # data-parallel: each rank scores every world-th batch; the sums of the batch means add up
+        names = list(self._eval_sets)
+        sums = [sum(float(score(self.work, x, y).mean()) for x, y in self._eval_sets[k][d.rank::d.world])  # [B,T] NLLs
+                for k in names]
+        sums = d.all_reduce_sum(sums, "the evaluation losses")
+        return {f"{k}_loss": s / len(self._eval_sets[k]) for k, s in zip(names, sums)}
 
     def sample(self) -> str:
         """A short continuation of the start of the validation text (its own seeded sampler)."""
@@ -426,10 +472,15 @@ class Trainer(RunLog):
         return {"uniform_loss": math.log(V), "unigram_loss": unigram_loss(self.data.train, self.data.val, V),
                 "bigram_loss": bigram_loss(self.data.train, self.data.val, V)}
 
-    def save(self) -> Path:
-        state = {"sampler": self.sampler.state(), "log_bytes": self.sync_log(),
-                 "tokens_seen": self.step * self.args.batch * self.args.context * self.args.accum}
-        return ck.save_checkpoint(self.run_dir, self.step, self.model.weights, self.opt, state)
+    def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0 writes it; every rank waits until it is complete)."""
+        path = None
+        if self.dist.is_main:
+            state = {"sampler": self.sampler.state(), "log_bytes": self.sync_log(),
+                     "tokens_seen": self.step * self.args.batch * self.args.context * self.args.accum}
+            path = ck.save_checkpoint(self.run_dir, self.step, self.model.weights, self.opt, state)
+        self.dist.barrier()
+        return path
 
     def train(self) -> dict:
         """Train up to args.steps; returns the last evaluation (train_loss, val_loss) and baselines."""
@@ -438,14 +489,17 @@ class Trainer(RunLog):
         a = self.args
         tokens_per_step = a.batch * a.context * a.accum
         result = {}
+        self.dist.check_same("the step to start at and the model's size", self.step, self.cfg.n_params)
         if self.step == 0:
-            base = self.baselines()
-            result.update(base)
-            self.log(dict(step=0, **base))
-            self.say(f"{self.cfg.arch} {self.cfg.n_params / 1e6:.2f}M params, vocab {self.cfg.vocab_size}, "
-                     f"{self.describe_data()}")
-            self.say(f"baselines (val loss): uniform {base['uniform_loss']:.3f}  unigram {base['unigram_loss']:.3f}  "
-                     f"bigram {base['bigram_loss']:.3f}")
+            if self.dist.is_main:  # printed and logged by rank 0 only: the others need not count bigrams
+                base = self.baselines()
+                result.update(base)
+                self.log(dict(step=0, **base))
+                self.say(f"{self.cfg.arch} {self.cfg.n_params / 1e6:.2f}M params, vocab {self.cfg.vocab_size}, "
+                         f"{self.describe_data()}"
+                         + (f", {self.dist.world} data-parallel ranks ({self.dist.backend})" if self.dist.world > 1 else ""))
+                self.say(f"baselines (val loss): uniform {base['uniform_loss']:.3f}  unigram {base['unigram_loss']:.3f}  "
+                         f"bigram {base['bigram_loss']:.3f}")
             ev = self.evaluate()
             self.log(dict(step=0, **ev))
             self.say(f"step 0: {_eval_line(ev)}")
@@ -479,7 +533,7 @@ class Trainer(RunLog):
                     result.update(ev)
                     self.log(dict(step=self.step, **ev))
                     self.say(f"step {self.step}: {_eval_line(ev)}")
-                if self.step % (a.sample_every or a.eval_every) == 0 or self.step == a.steps:
+                if self.dist.is_main and (self.step % (a.sample_every or a.eval_every) == 0 or self.step == a.steps):
                     s = self.sample()
                     self.log({"step": self.step, "sample": s})
                     self.say(f"--- sample at step {self.step} ---\n{s}\n---")
@@ -490,8 +544,9 @@ class Trainer(RunLog):
         finally:
             bar.close()
             self.close_log()
+            if self._lock is not None:
+                self._lock.close()  # releases the run for a later --resume (even one in this process)
         if a.plot:
             self.plot()
-        self._lock.close()  # releases the run for a later --resume
         result["step"] = self.step
         return result
