@@ -19,7 +19,10 @@ _TEXT = ("The history of computing is a story of people building machines to thi
 
 
 def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128, dtype: str | None = None,
-              kv_dtype: str | None = None) -> dict:
+              kv_dtype: str | None = None, draft=None, lookup: int | None = None, draft_tokens: int | None = None) -> dict:
+    """Time load, prefill and greedy decode. With `draft` (a model path) or `lookup` (an n-gram length) the
+    same greedy decode runs again speculatively, after the plain one: its tok/s, the speed-up, the
+    acceptance rate and whether its tokens equal the plain ones are added to the result."""
     import scratchlm
     from .errors import PromptError
 
@@ -43,10 +46,42 @@ def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128, dty
     tok = int(np.argmax(to_numpy(logits[0, -1])))
     prefill_s = time.perf_counter() - t0
 
+    plain = [tok]
     t0 = time.perf_counter()
     for pos in range(prompt_tokens, prompt_tokens + gen_tokens):
         logits = model.forward(np.asarray([[tok]]), cache, pos, last_only=True)  # greedy decode step
         tok = int(np.argmax(to_numpy(logits[0, -1])))
+        plain.append(tok)
     decode_s = time.perf_counter() - t0
-    return {"source": model.info.get("source"), "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
-            "prefill_tok_s": prompt_tokens / prefill_s, "decode_tok_s": gen_tokens / decode_s}
+    r = {"source": model.info.get("source"), "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
+         "prefill_tok_s": prompt_tokens / prefill_s, "decode_tok_s": gen_tokens / decode_s}
+    if draft is not None or lookup is not None:
+        r.update(_bench_speculative(model, ids, gen_tokens, plain, draft, lookup, draft_tokens, dtype))
+    return r
+
+
+def _bench_speculative(model, ids, gen_tokens, plain, draft, lookup, draft_tokens, dtype) -> dict:
+    """The plain run's greedy decode again, speculatively: the first token comes from the prefill (and the
+    draft's prefill), the next gen_tokens are timed as decode."""
+    import scratchlm
+    from .sampling import Sampler, SamplingParams
+    from .speculative import (DEFAULT_DRAFT_TOKENS, LookupDrafter, ModelDrafter, check_draft_options,
+                              check_same_vocabulary, speculative_tokens)
+
+    K = DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens
+    check_draft_options(draft, lookup, K)
+    if draft is not None:
+        draft = scratchlm.load(draft, progress=False, dtype=dtype)
+        check_same_vocabulary(model, draft)
+    n = len(ids)
+    drafter = LookupDrafter(lookup) if lookup is not None else ModelDrafter(draft, n + gen_tokens + 1)
+    stats: dict = {}
+    tokens = speculative_tokens(model, ids, model.new_cache(n + gen_tokens), Sampler(SamplingParams(temperature=0)),
+                                drafter, K, gen_tokens + 1, stats)
+    out = [next(tokens)]  # prefill
+    t0 = time.perf_counter()
+    out += [next(tokens) for _ in range(gen_tokens)]
+    spec_s = time.perf_counter() - t0
+    return {"spec_decode_s": spec_s, "spec_decode_tok_s": gen_tokens / spec_s, "draft_tokens": K,
+            "drafted": stats["drafted"], "accepted": stats["accepted"], "rounds": stats["rounds"],
+            "acceptance": stats["accepted"] / max(1, stats["drafted"]), "identical": out == plain}

@@ -64,6 +64,31 @@ def _sampling_kwargs(a) -> dict:
                 ignore_eos=a.ignore_eos)
 
 
+def _add_speculative(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="speculative decoding: a smaller model with the same vocabulary proposes tokens, the model "
+                        "checks them in one forward (greedy output is unchanged, sampling keeps its distribution)")
+    g.add_argument("--lookup", type=_positive_int, default=None, metavar="N",
+                   help="speculative decoding by prompt lookup: propose what followed the last N tokens earlier in "
+                        "the context (good when the output copies the input; try 3)")
+    p.add_argument("--draft-tokens", type=_positive_int, default=None, metavar="K",
+                   help="tokens proposed per step with --draft or --lookup, 1..7 (default 4)")
+
+
+def _speculative_kwargs(a) -> dict:
+    """--draft (loaded here, after the target, with the same --dtype), --lookup and --draft-tokens."""
+    if a.draft_tokens is not None and a.draft is None and a.lookup is None:
+        raise ValueError("--draft-tokens needs --draft or --lookup")
+    if a.draft is None and a.lookup is None:
+        return {}
+    kw = {"draft_tokens": a.draft_tokens, "lookup": a.lookup}
+    if a.draft is not None:
+        import scratchlm
+        kw["draft"] = scratchlm.load(a.draft, dtype=None if a.dtype == "stored" else a.dtype)
+    return kw
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line and status 1 like every other error (not usage + status 2);
     the subcommand parsers inherit it. `--help` still prints the usage."""
@@ -85,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter(p)
     p.add_argument("prompt", help="the text to continue ('' starts from BOS)")
     _add_sampling(p, 128)
+    _add_speculative(p)
 
     p = sub.add_parser("chat", help="talk to the model with its chat template (interactive; or one turn per stdin line)")
     _add_model(p)
@@ -92,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter(p)
     p.add_argument("--system", default=None, help="a system prompt")
     _add_sampling(p, 512)
+    _add_speculative(p)
 
     p = sub.add_parser("info", help="show the model's configuration, size, tokenizer and template")
     _add_model(p)
@@ -103,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, help="a tokenizer file: tokenizer.model, tokenizer.json or .gguf")
     p.add_argument("text")
 
-    p = sub.add_parser("bench", help="time loading, prefill and decoding")
+    p = sub.add_parser("bench", help="time loading, prefill and decoding (with --draft/--lookup: greedy decoding "
+                                     "again, speculatively, on the same prompt; the prompt is a repeated paragraph)")
     _add_model(p)
     _add_dtype(p)
     p.add_argument("--prompt-tokens", type=_positive_int, default=512, help="prefill length (default 512)")
     p.add_argument("--gen-tokens", type=_positive_int, default=128, help="tokens to decode (default 128)")
-    p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s")
+    p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s "
+                   "(with --draft/--lookup also spec_decode_tok_s, speedup, acceptance, identical)")
+    _add_speculative(p)
 
     p = sub.add_parser("perplexity", help="perplexity of a text file, computed the way llama.cpp's llama-perplexity does")
     _add_model(p)
@@ -245,7 +275,7 @@ def _stream(stream) -> None:
 
 def cmd_generate(a) -> int:
     model = _load(a)
-    _stream(model.generate(a.prompt, stream=True, **_sampling_kwargs(a)))
+    _stream(model.generate(a.prompt, stream=True, **_sampling_kwargs(a), **_speculative_kwargs(a)))
     return 0
 
 
@@ -253,7 +283,7 @@ def cmd_chat(a) -> int:
     from .errors import PromptError
 
     model = _load(a)
-    kwargs = _sampling_kwargs(a)
+    kwargs = dict(_sampling_kwargs(a), **_speculative_kwargs(a))
     system = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
@@ -341,16 +371,31 @@ def cmd_tokenize(a) -> int:
 def cmd_bench(a) -> int:
     from .benchmark import run_bench
 
+    if a.draft_tokens is not None and a.draft is None and a.lookup is None:
+        raise ValueError("--draft-tokens needs --draft or --lookup")
     r = run_bench(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
-                  dtype=None if a.dtype == "stored" else a.dtype, kv_dtype=a.kv_dtype)
+                  dtype=None if a.dtype == "stored" else a.dtype, kv_dtype=a.kv_dtype, draft=a.draft,
+                  lookup=a.lookup, draft_tokens=a.draft_tokens)
+    spec = "spec_decode_tok_s" in r
     if a.json:
-        print(json.dumps({"load_s": round(r["load_s"], 3), "prefill_tok_s": round(r["prefill_tok_s"], 2),
-                          "decode_tok_s": round(r["decode_tok_s"], 2)}))
+        out = {"load_s": round(r["load_s"], 3), "prefill_tok_s": round(r["prefill_tok_s"], 2),
+               "decode_tok_s": round(r["decode_tok_s"], 2)}
+        if spec:
+            out.update(spec_decode_tok_s=round(r["spec_decode_tok_s"], 2),
+                       speedup=round(r["spec_decode_tok_s"] / r["decode_tok_s"], 3),
+                       acceptance=round(r["acceptance"], 4), identical=r["identical"])
+        print(json.dumps(out))
     else:
         print(f"model    {r['source']}")
         print(f"load     {r['load_s']:.2f} s")
         print(f"prefill  {r['prefill_tok_s']:.1f} tok/s ({a.prompt_tokens} tokens in {r['prefill_s']:.2f} s)")
         print(f"decode   {r['decode_tok_s']:.1f} tok/s ({a.gen_tokens} tokens in {r['decode_s']:.2f} s)")
+        if spec:
+            how = f"--lookup {a.lookup}" if a.lookup is not None else f"--draft {a.draft}"
+            print(f"spec     {r['spec_decode_tok_s']:.1f} tok/s ({how}, K={r['draft_tokens']}): "
+                  f"{r['spec_decode_tok_s'] / r['decode_tok_s']:.2f}x decode, acceptance "
+                  f"{r['accepted']}/{r['drafted']} = {r['acceptance']:.0%} in {r['rounds']} steps, "
+                  f"tokens {'identical to' if r['identical'] else 'DIFFERENT from'} plain greedy")
     return 0
 
 
