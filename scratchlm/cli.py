@@ -82,6 +82,8 @@ def _speculative_kwargs(a) -> dict:
         raise ValueError("--draft-tokens needs --draft or --lookup")
     if a.draft is None and a.lookup is None:
         return {}
+    from .speculative import DEFAULT_DRAFT_TOKENS, check_draft_options
+    check_draft_options(a.draft, a.lookup, a.draft_tokens or DEFAULT_DRAFT_TOKENS)  # before loading anything
     kw = {"draft_tokens": a.draft_tokens, "lookup": a.lookup}
     if a.draft is not None:
         import scratchlm
@@ -274,16 +276,18 @@ def _stream(stream) -> None:
 
 
 def cmd_generate(a) -> int:
+    spec = _speculative_kwargs(a)
     model = _load(a)
-    _stream(model.generate(a.prompt, stream=True, **_sampling_kwargs(a), **_speculative_kwargs(a)))
+    _stream(model.generate(a.prompt, stream=True, **_sampling_kwargs(a), **spec))
     return 0
 
 
 def cmd_chat(a) -> int:
     from .errors import PromptError
 
+    spec = _speculative_kwargs(a)
     model = _load(a)
-    kwargs = dict(_sampling_kwargs(a), **_speculative_kwargs(a))
+    kwargs = dict(_sampling_kwargs(a), **spec)
     system = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
