@@ -1,4 +1,5 @@
-"""What `scratchlm bench` measures: load seconds, prefill tokens/s and decode tokens/s.
+"""What `scratchlm bench` measures: load seconds, prefill tokens/s and decode tokens/s (and with --draft or
+--lookup, the same greedy decode done speculatively: tokens/s, speed-up, acceptance rate).
 
 Prefill runs the whole prompt through the model in one forward (matrix-matrix work, GEMM-bound);
 decode feeds one token at a time through the KV cache (matrix-vector work, bound by the
@@ -19,7 +20,8 @@ _TEXT = ("The history of computing is a story of people building machines to thi
 
 
 def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128, dtype: str | None = None,
-              kv_dtype: str | None = None, draft=None, lookup: int | None = None, draft_tokens: int | None = None) -> dict:
+              kv_dtype: str | None = None, draft=None, lookup: int | None = None,
+              draft_tokens: int | None = None) -> dict:
     """Time load, prefill and greedy decode. With `draft` (a model path) or `lookup` (an n-gram length) the
     same greedy decode runs again speculatively, after the plain one: its tok/s, the speed-up, the
     acceptance rate and whether its tokens equal the plain ones are added to the result."""

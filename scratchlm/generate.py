@@ -167,7 +167,8 @@ def _plain_tokens(model, ids: list[int], cache, sampler: Sampler) -> Iterator[in
 
 
 def _run(model, ids: list[int], *, max_tokens: int, sampler: Sampler, stop_ids: set[int],
-         stop: Sequence[str], state: dict, draft=None, draft_tokens: int = 4, lookup: int | None = None) -> Iterator[str]:
+         stop: Sequence[str], state: dict, draft=None, draft_tokens: int = 4,
+         lookup: int | None = None) -> Iterator[str]:
     """Generate (plainly, or speculatively with a draft model or prompt lookup); yield text pieces that are
     complete UTF-8 and cannot begin a stop string."""
     ctx = model.config.max_seq_len
