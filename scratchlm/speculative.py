@@ -2,8 +2,9 @@
 one forward, and the longest prefix the target agrees with is kept, plus one token of the target's own.
 
 Decoding one token reads every weight once; scoring K+1 tokens in one forward reads them once too (the C
-kernels decode each weight chunk once for up to 8 rows of activations), so every accepted draft token is
-a decode step saved. Two drafters:
+kernels decode each weight chunk once for up to 8 rows of activations), so an accepted draft token costs
+less than a decode step: measured here, each extra row costs ~0.6 of one (the per-row dot products and
+attention are not shared; benchmarks/NOTES.md), so speculation pays when most drafts are accepted. Two drafters:
 
 - `ModelDrafter`: a smaller or more coarsely quantized model with the same vocabulary (`--draft MODEL`);
 - `LookupDrafter`: prompt-lookup decoding (`--lookup N`): find the last N tokens earlier in the context
