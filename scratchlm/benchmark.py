@@ -1,4 +1,5 @@
-"""What `scratchlm bench` measures: load seconds, prefill tokens/s and decode tokens/s.
+"""What `scratchlm bench` measures: load seconds, prefill tokens/s and decode tokens/s (and with --draft or
+--lookup, the same greedy decode done speculatively: tokens/s, speed-up, acceptance rate).
 
 Prefill runs the whole prompt through the model in one forward (matrix-matrix work, GEMM-bound);
 decode feeds one token at a time through the KV cache (matrix-vector work, bound by the
@@ -20,11 +21,15 @@ _TEXT = ("The history of computing is a story of people building machines to thi
 
 def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128, dtype: str | None = None,
               kv_dtype: str | None = None, device: str = "cpu", gpu_layers: int | None = None,
-              stream_layers: bool = False, devices: str | None = None, model=None) -> dict:
+              stream_layers: bool = False, devices: str | None = None, model=None, draft=None,
+              lookup: int | None = None, draft_tokens: int | None = None) -> dict:
     """Load (unless `model` is given), prefill `prompt_tokens`, decode `gen_tokens` greedily. With blocks
     placed on devices, also the transfer time: the streamed blocks' copies (BlockStream) and the
     activations' moves between devices (Traffic), per decoded token; compute = the rest of the time
-    (on CUDA the streamed copies overlap the compute, so there compute is the whole decode time)."""
+    (on CUDA the streamed copies overlap the compute, so there compute is the whole decode time).
+    With `draft` (a model path) or `lookup` (an n-gram length) the same greedy decode runs again
+    speculatively, after the plain one: its tok/s, the speed-up, the acceptance rate and whether its
+    tokens equal the plain ones are added to the result."""
     import scratchlm
     from .devices import Traffic
     from .errors import PromptError
@@ -57,10 +62,12 @@ def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128, dty
     for c in (stream, traffic):  # count the decode steps' transfers only
         if c is not None:
             c.reset_counters() if c is stream else c.__init__()
+    plain = [tok]
     t0 = time.perf_counter()
     for pos in range(prompt_tokens, prompt_tokens + gen_tokens):
         logits = model.forward(np.asarray([[tok]]), cache, pos, last_only=True)  # greedy decode step
         tok = int(np.argmax(to_numpy(logits[0, -1])))
+        plain.append(tok)
     decode_s = time.perf_counter() - t0
     model.traffic = None
     r = {"source": model.info.get("source"), "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
@@ -76,4 +83,33 @@ def run_bench(path=None, *, prompt_tokens: int = 512, gen_tokens: int = 128, dty
         r.update(transfer_ms_per_token=1e3 * transfer_s / gen_tokens,
                  compute_ms_per_token=1e3 * (decode_s - serial_s) / gen_tokens,
                  transfer_mb_per_token=moved / gen_tokens / 1e6, transfer_overlapped=overlapped)
+    if draft is not None or lookup is not None:
+        r.update(_bench_speculative(model, ids, gen_tokens, plain, draft, lookup, draft_tokens, dtype))
     return r
+
+
+def _bench_speculative(model, ids, gen_tokens, plain, draft, lookup, draft_tokens, dtype) -> dict:
+    """The plain run's greedy decode again, speculatively: the first token comes from the prefill (and the
+    draft's prefill), the next gen_tokens are timed as decode."""
+    import scratchlm
+    from .sampling import Sampler, SamplingParams
+    from .speculative import (DEFAULT_DRAFT_TOKENS, LookupDrafter, ModelDrafter, check_draft_options,
+                              check_same_vocabulary, speculative_tokens)
+
+    K = DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens
+    check_draft_options(draft, lookup, K)
+    if draft is not None:
+        draft = scratchlm.load(draft, progress=False, dtype=dtype)
+        check_same_vocabulary(model, draft)
+    n = len(ids)
+    drafter = LookupDrafter(lookup) if lookup is not None else ModelDrafter(draft, n + gen_tokens + 1)
+    stats: dict = {}
+    tokens = speculative_tokens(model, ids, model.new_cache(n + gen_tokens), Sampler(SamplingParams(temperature=0)),
+                                drafter, K, gen_tokens + 1, stats)
+    out = [next(tokens)]  # prefill
+    t0 = time.perf_counter()
+    out += [next(tokens) for _ in range(gen_tokens)]
+    spec_s = time.perf_counter() - t0
+    return {"spec_decode_s": spec_s, "spec_decode_tok_s": gen_tokens / spec_s, "draft_tokens": K,
+            "drafted": stats["drafted"], "accepted": stats["accepted"], "rounds": stats["rounds"],
+            "acceptance": stats["accepted"] / max(1, stats["drafted"]), "identical": out == plain}

@@ -86,6 +86,33 @@ def _sampling_kwargs(a) -> dict:
                 ignore_eos=a.ignore_eos)
 
 
+def _add_speculative(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="speculative decoding: a smaller model with the same vocabulary proposes tokens, the model "
+                        "checks them in one forward (greedy output is unchanged, sampling keeps its distribution)")
+    g.add_argument("--lookup", type=_positive_int, default=None, metavar="N",
+                   help="speculative decoding by prompt lookup: propose what followed the last N tokens earlier in "
+                        "the context (good when the output copies the input; try 3)")
+    p.add_argument("--draft-tokens", type=_positive_int, default=None, metavar="K",
+                   help="tokens proposed per step with --draft or --lookup, 1..7 (default 4)")
+
+
+def _speculative_kwargs(a) -> dict:
+    """--draft (loaded here, after the target, with the same --dtype), --lookup and --draft-tokens."""
+    if a.draft_tokens is not None and a.draft is None and a.lookup is None:
+        raise ValueError("--draft-tokens needs --draft or --lookup")
+    if a.draft is None and a.lookup is None:
+        return {}
+    from .speculative import DEFAULT_DRAFT_TOKENS, check_draft_options
+    check_draft_options(a.draft, a.lookup, a.draft_tokens or DEFAULT_DRAFT_TOKENS)  # before loading anything
+    kw = {"draft_tokens": a.draft_tokens, "lookup": a.lookup}
+    if a.draft is not None:
+        import scratchlm
+        kw["draft"] = scratchlm.load(a.draft, dtype=None if a.dtype == "stored" else a.dtype)
+    return kw
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line and status 1 like every other error (not usage + status 2);
     the subcommand parsers inherit it. `--help` still prints the usage."""
@@ -110,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p, 128)
     p.add_argument("--beam", type=_positive_int, default=1,
                    help="seq2seq runs only: beam-search width (default 1: greedy); the sampling options do not apply there")
+    _add_speculative(p)
 
     p = sub.add_parser("chat", help="talk to the model with its chat template (interactive; or one turn per stdin line)")
     _add_model(p)
@@ -118,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter(p)
     p.add_argument("--system", default=None, help="a system prompt")
     _add_sampling(p, 512)
+    _add_speculative(p)
 
     p = sub.add_parser("info", help="show the model's configuration, size, tokenizer and template")
     _add_model(p)
@@ -130,14 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, help="a tokenizer file: tokenizer.model, tokenizer.json or .gguf")
     p.add_argument("text")
 
-    p = sub.add_parser("bench", help="time loading, prefill and decoding")
+    p = sub.add_parser("bench", help="time loading, prefill and decoding (with --draft/--lookup: greedy decoding "
+                                     "again, speculatively, on the same prompt; the prompt is a repeated paragraph)")
     _add_model(p)
     _add_dtype(p)
     _add_device(p)
     p.add_argument("--prompt-tokens", type=_positive_int, default=512, help="prefill length (default 512)")
     p.add_argument("--gen-tokens", type=_positive_int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--json", action="store_true", help="print one JSON line: load_s, prefill_tok_s, decode_tok_s "
-                   "(and with a placement: compute and transfer ms and transfer MB per token)")
+                   "(and with a placement: compute and transfer ms and transfer MB per token; with --draft/--lookup "
+                   "spec_decode_tok_s, speedup, acceptance, identical)")
+    _add_speculative(p)
 
     p = sub.add_parser("perplexity", help="perplexity of a text file, computed the way llama.cpp's llama-perplexity does")
     _add_model(p)
@@ -305,20 +337,24 @@ def _seq2seq_run(path) -> bool:
 def cmd_generate(a) -> int:
     if _seq2seq_run(a.model):
         from .training.seq2seq_train import load_run
+        if a.draft is not None or a.lookup is not None or a.draft_tokens is not None:
+            raise ValueError("--draft, --lookup and --draft-tokens apply to decoder models, not seq2seq runs")
         print(load_run(a.model).translate(a.prompt, beam=a.beam, max_len=a.max_tokens))
         return 0
     if a.beam != 1:
         raise ValueError("--beam applies to seq2seq runs only (decoder models sample: see --temperature)")
+    spec = _speculative_kwargs(a)
     model = _load(a)
-    _stream(model.generate(a.prompt, stream=True, **_sampling_kwargs(a)))
+    _stream(model.generate(a.prompt, stream=True, **_sampling_kwargs(a), **spec))
     return 0
 
 
 def cmd_chat(a) -> int:
     from .errors import PromptError
 
+    spec = _speculative_kwargs(a)
     model = _load(a)
-    kwargs = _sampling_kwargs(a)
+    kwargs = dict(_sampling_kwargs(a), **spec)
     system = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(system)
     interactive = sys.stdin.isatty()
@@ -406,11 +442,19 @@ def cmd_tokenize(a) -> int:
 def cmd_bench(a) -> int:
     from .benchmark import run_bench
 
+    if a.draft_tokens is not None and a.draft is None and a.lookup is None:
+        raise ValueError("--draft-tokens needs --draft or --lookup")
     r = run_bench(a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
-                  dtype=None if a.dtype == "stored" else a.dtype, kv_dtype=a.kv_dtype, **_placement(a))
+                  dtype=None if a.dtype == "stored" else a.dtype, kv_dtype=a.kv_dtype, draft=a.draft,
+                  lookup=a.lookup, draft_tokens=a.draft_tokens, **_placement(a))
+    spec = "spec_decode_tok_s" in r
     if a.json:
         out = {"load_s": round(r["load_s"], 3), "prefill_tok_s": round(r["prefill_tok_s"], 2),
                "decode_tok_s": round(r["decode_tok_s"], 2)}
+        if spec:
+            out.update(spec_decode_tok_s=round(r["spec_decode_tok_s"], 2),
+                       speedup=round(r["spec_decode_tok_s"] / r["decode_tok_s"], 3),
+                       acceptance=round(r["acceptance"], 4), identical=r["identical"])
         if "transfer_ms_per_token" in r:
             out.update(placement=r["placement"], compute_ms_per_token=round(r["compute_ms_per_token"], 3),
                        transfer_ms_per_token=round(r["transfer_ms_per_token"], 3),
@@ -427,6 +471,12 @@ def cmd_bench(a) -> int:
             note = ", overlapped with the compute" if r["transfer_overlapped"] else ""
             print(f"per token: compute {r['compute_ms_per_token']:.2f} ms, transfer {r['transfer_ms_per_token']:.2f} ms "
                   f"({r['transfer_mb_per_token']:.1f} MB{note})")
+        if spec:
+            how = f"--lookup {a.lookup}" if a.lookup is not None else f"--draft {a.draft}"
+            print(f"spec     {r['spec_decode_tok_s']:.1f} tok/s ({how}, K={r['draft_tokens']}): "
+                  f"{r['spec_decode_tok_s'] / r['decode_tok_s']:.2f}x decode, acceptance "
+                  f"{r['accepted']}/{r['drafted']} = {r['acceptance']:.0%} in {r['rounds']} steps, "
+                  f"tokens {'identical to' if r['identical'] else 'DIFFERENT from'} plain greedy")
     return 0
 
 

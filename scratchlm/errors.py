@@ -27,3 +27,7 @@ class PromptError(ScratchLMError, ValueError):
 
 class ModelNotFoundError(ScratchLMError, FileNotFoundError):
     """A model path (or the default model package) does not exist."""
+
+
+class DraftModelError(ScratchLMError, ValueError):
+    """A draft model for speculative decoding that cannot draft for the target: another vocabulary."""

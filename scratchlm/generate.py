@@ -54,6 +54,12 @@ class TextStream:
         return self._state["prompt_tokens"]
 
     @property
+    def speculative(self) -> dict | None:
+        """With a draft model or lookup: {"rounds", "drafted", "accepted"} so far (accepted / drafted is the
+        acceptance rate); None for plain decoding."""
+        return self._state.get("speculative")
+
+    @property
     def message(self) -> str | None:
         """A human-readable note when generation ended early (the context limit)."""
         return self._state.get("message")
@@ -146,38 +152,56 @@ class Detokenizer:
         return piece
 
 
+def _plain_tokens(model, ids: list[int], cache, sampler: Sampler) -> Iterator[int]:
+    """Prefill, then one decode step per token; a token is fed only when the consumer asks for the next."""
+    history, generated = list(ids), []
+    logits = model.forward(np.asarray([ids]), cache, 0, last_only=True)  # prefill: [1,T] -> [1,1,V]
+    pos = len(ids)
+    while True:
+        tok = sampler.sample(to_numpy(logits[0, -1]), history, generated)
+        history.append(tok)
+        generated.append(tok)
+        yield tok
+        logits = model.forward(np.asarray([[tok]]), cache, pos, last_only=True)  # decode: [1,1] -> [1,1,V]
+        pos += 1
+
+
 def _run(model, ids: list[int], *, max_tokens: int, sampler: Sampler, stop_ids: set[int],
-         stop: Sequence[str], state: dict) -> Iterator[str]:
-    """Prefill, then decode; yield text pieces that are complete UTF-8 and cannot begin a stop string."""
+         stop: Sequence[str], state: dict, draft=None, draft_tokens: int = 4,
+         lookup: int | None = None) -> Iterator[str]:
+    """Generate (plainly, or speculatively with a draft model or prompt lookup); yield text pieces that are
+    complete UTF-8 and cannot begin a stop string."""
     ctx = model.config.max_seq_len
     cache = model.new_cache(min(len(ids) + max_tokens, ctx))
     detok = Detokenizer(model.tokenizer, stop)
-    history = list(ids)
     out_ids = state["ids"]
+    if draft is None and lookup is None:
+        tokens = _plain_tokens(model, ids, cache, sampler)
+    else:
+        from .speculative import LookupDrafter, ModelDrafter, speculative_tokens
+        max_new = min(max_tokens, ctx - len(ids))  # what the loop below can take before it stops
+        drafter = LookupDrafter(lookup) if lookup is not None else ModelDrafter(draft, len(ids) + max_new)
+        state["speculative"] = {}
+        tokens = speculative_tokens(model, ids, cache, sampler, drafter, draft_tokens, max_new, state["speculative"])
 
-    logits = model.forward(np.asarray([ids]), cache, 0, last_only=True)  # prefill: [1,1,V]
-    pos = len(ids)
     state["finish_reason"] = "length"
-    for _ in range(max_tokens):
-        tok = sampler.sample(to_numpy(logits[0, -1]), history, out_ids)
+    for tok in tokens:
         if tok in stop_ids:
             state["finish_reason"] = "eos"
             break
         out_ids.append(tok)
-        history.append(tok)
         piece = detok.push(tok)
         if piece:
             yield piece
         if detok.stopped:
             state["finish_reason"] = "stop"
             return
-        if pos + 1 >= ctx:  # prompt + generated tokens fill the context: no position left to feed
-            if len(out_ids) < max_tokens:
-                state["finish_reason"] = "context"
-                state["message"] = f"stopped: the context of {ctx} tokens is full"
+        if len(out_ids) >= max_tokens:
             break
-        logits = model.forward(np.asarray([[tok]]), cache, pos, last_only=True)  # decode: [1,1,V]
-        pos += 1
+        if len(ids) + len(out_ids) >= ctx:  # prompt + generated tokens fill the context: no position left to feed
+            state["finish_reason"] = "context"
+            state["message"] = f"stopped: the context of {ctx} tokens is full"
+            break
     piece = detok.finish()
     if piece:
         yield piece
@@ -186,7 +210,7 @@ def _run(model, ids: list[int], *, max_tokens: int, sampler: Sampler, stop_ids: 
 def _start(model, ids: list[int], *, max_tokens=DEFAULTS["max_tokens"], temperature=DEFAULTS["temperature"],
            top_k=DEFAULTS["top_k"], top_p=DEFAULTS["top_p"], min_p=DEFAULTS["min_p"],
            repetition_penalty=DEFAULTS["repetition_penalty"], presence_penalty=0.0, frequency_penalty=0.0,
-           seed=None, stop=None, stream=False, ignore_eos=False):
+           seed=None, stop=None, stream=False, ignore_eos=False, draft=None, draft_tokens=None, lookup=None):
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     ctx = model.config.max_seq_len
@@ -199,12 +223,19 @@ def _start(model, ids: list[int], *, max_tokens=DEFAULTS["max_tokens"], temperat
                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty)
     params.validate()
+    if draft is not None or lookup is not None or draft_tokens is not None:
+        from .speculative import DEFAULT_DRAFT_TOKENS, check_draft_options, check_same_vocabulary
+        draft_tokens = DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens
+        check_draft_options(draft, lookup, draft_tokens)
+        if draft is not None:
+            check_same_vocabulary(model, draft)
     if isinstance(stop, str):
         stop = [stop]
     stop = [s for s in (stop or []) if s]
     state: dict = {"ids": [], "prompt_tokens": len(ids)}
     pieces = _run(model, list(ids), max_tokens=max_tokens, sampler=Sampler(params, seed=seed),
-                  stop_ids=set() if ignore_eos else stop_token_ids(model), stop=stop, state=state)
+                  stop_ids=set() if ignore_eos else stop_token_ids(model), stop=stop, state=state,
+                  draft=draft, draft_tokens=draft_tokens, lookup=lookup)
     result = TextStream(pieces, state)
     if stream:
         return result
@@ -220,6 +251,11 @@ def generate(model, prompt, *, add_bos: bool | None = None, **kwargs):
     Keyword arguments: max_tokens, temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty,
     presence_penalty, frequency_penalty (OpenAI's, over the generated tokens), seed, stop (a string or list of strings, not included in the output), stream (return a TextStream
     of text pieces instead of the whole string), ignore_eos.
+
+    Speculative decoding (speculative.py): draft (a Model with the same vocabulary that proposes tokens) or
+    lookup (N: propose what followed the context's last N tokens earlier in the context), and draft_tokens
+    (K proposed per step, 1..7, default 4). Greedy output is identical to plain decoding; sampled output
+    follows the same distribution (the seeded draws differ).
     """
     return _start(model, prompt_ids(model, prompt, add_bos), **kwargs)
 

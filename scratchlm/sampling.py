@@ -200,6 +200,29 @@ class Sampler:
     def sample(self, logits: np.ndarray, history: Sequence[int] = (), generated: Sequence[int] = ()) -> int:
         """One token id from logits [V]; ``history`` holds the ids so far (prompt included), for the repetition
         penalty, ``generated`` the generated ones only, for the presence and frequency penalties."""
+        x = self._filtered(logits, history, generated)
+        if self.params.temperature == 0:
+            return int(np.argmax(x))  # first index among ties, as torch.argmax
+        # draw among the tokens the filters kept: after top-k/top-p that is a few, not the whole vocabulary
+        kept = np.flatnonzero(x > -np.inf)
+        return int(kept[self._draw(softmax(x[kept].astype(np.float64)))])
+
+    def probs(self, logits: np.ndarray, history: Sequence[int] = (), generated: Sequence[int] = ()) -> np.ndarray:
+        """The distribution `sample` draws from, as probabilities [V] float64 (filtered tokens exactly 0;
+        greedy: all the mass on the argmax). Speculative decoding compares the target's and the draft's."""
+        x = self._filtered(logits, history, generated)
+        if self.params.temperature == 0:
+            p = np.zeros(x.shape[0], np.float64)
+            p[int(np.argmax(x))] = 1.0
+            return p
+        return softmax(x.astype(np.float64))
+
+    def draw(self, probs: np.ndarray) -> int:
+        """One token id from probabilities [V] (need not sum to 1: they are scaled by their sum)."""
+        return self._draw(np.asarray(probs, dtype=np.float64))
+
+    def _filtered(self, logits, history, generated) -> np.ndarray:
+        """logits [V] checked, widened to float32 and passed through every filter of the params."""
         x = np.asarray(logits)
         if x.ndim != 1 or x.shape[0] == 0:
             raise ValueError(f"expected logits of shape [V], got shape {x.shape}")
@@ -207,12 +230,7 @@ class Sampler:
         x = x.astype(np.float32, copy=False) if x.dtype != np.float64 else x
         if np.isnan(x).any():
             raise ValueError("logits contain NaN: the model's output is broken")
-        x = process_logits(x, history, self.params, generated)
-        if self.params.temperature == 0:
-            return int(np.argmax(x))  # first index among ties, as torch.argmax
-        # draw among the tokens the filters kept: after top-k/top-p that is a few, not the whole vocabulary
-        kept = np.flatnonzero(x > -np.inf)
-        return int(kept[self._draw(softmax(x[kept].astype(np.float64)))])
+        return process_logits(x, history, self.params, generated)
 
     def _draw(self, probs: np.ndarray) -> int:
         """Inverse-CDF draw: one uniform number per token instead of one per vocabulary entry."""
