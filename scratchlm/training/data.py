@@ -142,15 +142,13 @@ def get_batch(tokens: np.ndarray, B: int, T: int, rng: np.random.Generator) -> t
     return w[:, :-1], w[:, 1:]  # inputs [B,T], targets shifted by one [B,T]
 
 
-class BatchSampler:
-    """Random-window batches from one split, reproducible from (seed) or from a saved state."""
+class SeededSampler:
+    """A sampler's random generator, from a seed or a checkpoint's saved state (exact resume)."""
 
-    def __init__(self, tokens: np.ndarray, batch: int, context: int, seed: int):
-        self.tokens, self.B, self.T = tokens, int(batch), int(context)
+    what = "data-sampler"  # named in the error for a bad saved state
+
+    def __init__(self, seed: int):
         self.rng = np.random.Generator(np.random.PCG64(seed))
-
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
-        return get_batch(self.tokens, self.B, self.T, self.rng)
 
     def state(self) -> dict:
         """The generator's full state (JSON-serialisable: PCG64's state is two Python ints)."""
@@ -160,7 +158,18 @@ class BatchSampler:
         try:
             self.rng.bit_generator.state = state
         except (TypeError, ValueError, KeyError) as e:
-            raise FormatError(f"bad data-sampler RNG state in checkpoint: {e}") from None
+            raise FormatError(f"bad {self.what} RNG state in checkpoint: {e}") from None
+
+
+class BatchSampler(SeededSampler):
+    """Random-window batches from one split, reproducible from (seed) or from a saved state."""
+
+    def __init__(self, tokens: np.ndarray, batch: int, context: int, seed: int):
+        super().__init__(seed)
+        self.tokens, self.B, self.T = tokens, int(batch), int(context)
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        return get_batch(self.tokens, self.B, self.T, self.rng)
 
 
 def eval_batches(tokens: np.ndarray, n: int, batch: int, context: int, seed: int) -> list:

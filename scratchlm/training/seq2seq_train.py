@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import FormatError, ModelNotFoundError, UnsupportedError
 from ..seq2seq import Seq2Seq, Seq2SeqConfig, exact_match, init_weights, make_batch
 from . import checkpoint as ck
-from .data import DataError, bigram_loss, unigram_loss
+from .data import DataError, SeededSampler, bigram_loss, unigram_loss
 from .optim import clip_grad_norm, global_norm
 from .trainer import TrainArgs, Trainer
 
@@ -102,25 +102,18 @@ class PairData:
         return np.asarray([i for _, t in split for i in list(t) + [self.eos_id]], np.int64)
 
 
-class PairSampler:
+class PairSampler(SeededSampler):
     """Random batches of B pairs (drawn with replacement), reproducible from the seed or a saved state."""
 
+    what = "pair-sampler"
+
     def __init__(self, pairs, batch: int, cfg: Seq2SeqConfig, seed: int):
+        super().__init__(seed)
         self.pairs, self.B, self.cfg = pairs, int(batch), cfg
-        self.rng = np.random.Generator(np.random.PCG64(seed))
 
     def next(self):
         idx = self.rng.integers(0, len(self.pairs), size=self.B)  # [B]
         return make_batch([self.pairs[i] for i in idx], self.cfg)  # src [B,S], tgt_in [B,T], tgt_out [B,T]
-
-    def state(self) -> dict:
-        return self.rng.bit_generator.state
-
-    def set_state(self, state: dict) -> None:
-        try:
-            self.rng.bit_generator.state = state
-        except (TypeError, ValueError, KeyError) as e:
-            raise FormatError(f"bad pair-sampler RNG state in checkpoint: {e}") from None
 
 
 def model_config(args: TrainArgs, tok) -> Seq2SeqConfig:
