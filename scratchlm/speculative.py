@@ -37,6 +37,8 @@ values stay behind its length and are overwritten by the next forward (every wri
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -78,10 +80,28 @@ def check_same_vocabulary(target, draft) -> None:
     if tt.vocab_size != td.vocab_size:
         raise DraftModelError(f"the draft model's tokenizer has {td.vocab_size} tokens, the target's "
                               f"{tt.vocab_size}: a draft must use the target's tokenizer")
-    for i in range(tt.vocab_size):
+    if tt is td or _vocabulary_digest(tt) == _vocabulary_digest(td):
+        return
+    for i in range(tt.vocab_size):  # they differ: name the first token that does
         if tt.token_bytes(i) != td.token_bytes(i):
             raise DraftModelError(f"the draft model's token {i} is {td.token_bytes(i)!r}, the target's "
                                   f"{tt.token_bytes(i)!r}: a draft must use the target's tokenizer")
+
+
+_DIGESTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _vocabulary_digest(tok) -> bytes:
+    """A hash of every token's bytes, once per tokenizer: chat checks its draft again at every turn, and
+    comparing ~50k tokens one by one each time cost tens of milliseconds."""
+    digest = _DIGESTS.get(tok)
+    if digest is None:
+        h = hashlib.sha256()
+        for i in range(tok.vocab_size):
+            b = tok.token_bytes(i)
+            h.update(len(b).to_bytes(4, "little") + b)
+        digest = _DIGESTS[tok] = h.digest()
+    return digest
 
 
 class LookupDrafter:
