@@ -486,7 +486,17 @@ def cmd_perplexity(a) -> int:
 
     from .perplexity import perplexity
 
-    text = Path(a.file).read_text(encoding="utf-8")  # before loading the model: a bad path fails at once
+    from .errors import FormatError
+
+    path = Path(a.file)  # read before loading the model: a bad path fails at once
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): perplexity reads a text file") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from None
     r = perplexity(_load(a), text, ctx=a.ctx, stride=a.stride, batch=a.batch)
     if a.json:
         err = r.ppl_stderr if math.isfinite(r.ppl_stderr) else None

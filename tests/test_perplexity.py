@@ -152,3 +152,12 @@ def test_cli_missing_file_is_one_line(capsys):
     code = main(["perplexity", "/no/such/file.txt"])
     _, err = capsys.readouterr()
     assert code == 1 and err.startswith("scratchlm: error: ") and err.count("\n") == 1
+    assert "/no/such/file.txt: no such file" in err, err
+
+
+def test_cli_binary_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "model.gguf"  # a model given where the text goes
+    f.write_bytes(b"GGUF\x03\x00\x00\x00\xff\xfe" + bytes(range(256)))
+    code = main(["perplexity", str(f)])
+    _, err = capsys.readouterr()
+    assert code == 1 and err.count("\n") == 1 and "not UTF-8 text" in err, err
